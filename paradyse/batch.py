@@ -1,0 +1,110 @@
+"""Packed micro-batches in the unified zigzag layout."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from parallel_lib import ZigzagLayout, pad_length
+
+__all__ = ["PackedBatch", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+"""Label of tokens that carry no loss (padding, the last token of each sequence)."""
+
+
+@dataclass(frozen=True, eq=False)
+class PackedBatch:
+    """One rank's share of a micro-batch of variable-length sequences.
+
+    Each sequence is padded at its end to a multiple of 2P (padding comes after every real token,
+    so causal attention keeps it out of every real token's output; its loss is masked), cut into
+    2P chunks, and rank r holds chunks r and 2P-1-r of each (see `parallel_lib.layout`). With
+    P = 1 this is plain packing."""
+
+    layout: ZigzagLayout
+    """Index maps: cu_seqlens, local bounds, positions, gathered <-> natural permutations."""
+    seq_lens: tuple[int, ...]
+    """Unpadded sequence lengths, in batch order."""
+    input_ids: Tensor
+    """(T/P,) int64 token ids of the local tokens (padding = pad_id)."""
+    labels: Tensor
+    """(T/P,) int64 next-token targets, IGNORE_INDEX where there is none."""
+    loss_mask: Tensor
+    """(T/P,) bool: True where the token carries loss."""
+
+    @classmethod
+    def pack(
+        cls,
+        sequences: Sequence[Sequence[int]],
+        sp_size: int = 1,
+        sp_rank: int = 0,
+        *,
+        device: torch.device | str = "cpu",
+        pad_id: int = 0,
+    ) -> PackedBatch:
+        """Pack token-id sequences for rank `sp_rank` of a switchable group of `sp_size`."""
+        if not sequences:
+            raise ValueError("a micro-batch needs at least one sequence")
+        lens = [len(s) for s in sequences]
+        if min(lens) < 1:
+            raise ValueError("sequences must hold at least one token")
+        padded = [pad_length(n, sp_size) for n in lens]
+        layout = ZigzagLayout(padded, sp_size, sp_rank, device)
+        tokens = torch.full((layout.total_tokens,), pad_id, dtype=torch.int64)
+        labels = torch.full((layout.total_tokens,), IGNORE_INDEX, dtype=torch.int64)
+        for start, seq in zip(layout.bounds, sequences, strict=False):
+            ids = torch.as_tensor(list(seq), dtype=torch.int64)
+            tokens[start : start + len(ids)] = ids
+            labels[start : start + len(ids) - 1] = ids[1:]
+        local = layout.local_natural_index.cpu()
+        labels = labels[local]
+        return cls(
+            layout=layout,
+            seq_lens=tuple(lens),
+            input_ids=tokens[local].to(layout.device),
+            labels=labels.to(layout.device),
+            loss_mask=(labels != IGNORE_INDEX).to(layout.device),
+        )
+
+    @property
+    def sp_size(self) -> int:
+        return self.layout.size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.layout.rank
+
+    @property
+    def cu_seqlens(self) -> Tensor:
+        return self.layout.cu_seqlens
+
+    @property
+    def positions(self) -> Tensor:
+        return self.layout.positions
+
+    @property
+    def total_tokens(self) -> int:
+        """T: padded tokens over the whole switchable group."""
+        return self.layout.total_tokens
+
+    @property
+    def local_tokens(self) -> int:
+        return self.layout.local_tokens
+
+    @property
+    def num_loss_tokens(self) -> int:
+        """Tokens carrying loss in the whole micro-batch (sum over ranks)."""
+        return sum(n - 1 for n in self.seq_lens)
+
+    def real_mask(self) -> Tensor:
+        """(T/P,) bool: True for real (non-padding) local tokens."""
+        layout = self.layout
+        return layout.positions < torch.tensor(
+            self.seq_lens, device=layout.device
+        ).repeat_interleave(
+            torch.tensor([n // layout.size for n in layout.padded_lens], device=layout.device)
+        )

@@ -1,0 +1,100 @@
+"""The device mesh: world = dp x sp, built once from the torchrun environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from parallel_lib import CommGroup, new_groups, new_sp_groups
+
+__all__ = ["Mesh", "init_mesh"]
+
+
+@dataclass(frozen=True, eq=False)
+class Mesh:
+    """Who this process is and the groups it communicates in.
+
+    `sp` ranks form the switchable group inside which strategies change per layer (consecutive
+    global ranks, so an sp group stays inside a node when sp divides the GPUs per node); `dp`
+    copies of that group train on different data (ranks with equal sp rank)."""
+
+    world: int
+    """Number of processes."""
+    dp: int
+    """Data-parallel degree (copies of the switchable group)."""
+    sp: int
+    """Switchable group size P."""
+    rank: int
+    """Global rank."""
+    local_rank: int
+    """Rank on this node (selects the CUDA device)."""
+    device: torch.device
+    """cuda:LOCAL_RANK with nccl where CUDA is present, else cpu with gloo."""
+    backend: str
+    """torch.distributed backend ("gloo" or "nccl"; "none" for one process without a group)."""
+    sp_group: CommGroup
+    """The switchable group, with every inner x outer factorisation for `usp`."""
+    dp_group: CommGroup
+    """The data-parallel group."""
+
+    def __post_init__(self) -> None:
+        if self.dp * self.sp != self.world:
+            raise ValueError(f"dp ({self.dp}) x sp ({self.sp}) != world size ({self.world})")
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} outside a world of {self.world}")
+
+    @property
+    def sp_rank(self) -> int:
+        return self.sp_group.rank
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp_group.rank
+
+
+def init_mesh(sp: int | None = None, *, backend: str | None = None) -> Mesh:
+    """Build the mesh (collective across all processes). sp defaults to the world size.
+
+    Under torchrun (WORLD_SIZE set) the default process group is initialised if it is not yet;
+    a plain process without it is a world of one."""
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    backend = backend or ("nccl" if cuda else "gloo")
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+        backend = dist.get_backend()
+    else:
+        world, rank, backend = 1, 0, "none"
+    sp = world if sp is None else sp
+    if sp < 1 or world % sp:
+        raise ValueError(
+            f"sp={sp} does not divide the world size {world}; choose sp among "
+            f"{[d for d in range(1, world + 1) if world % d == 0]}"
+        )
+    dp = world // sp
+    sp_partition = [list(range(k * sp, (k + 1) * sp)) for k in range(dp)]
+    dp_partition = [list(range(j, world, sp)) for j in range(sp)]
+    if world == 1:
+        sp_group, dp_group = CommGroup.single(), CommGroup.single()
+    else:
+        sp_group = new_sp_groups(sp_partition, rank)
+        dp_group = new_groups(dp_partition, rank)
+    return Mesh(
+        world=world,
+        dp=dp,
+        sp=sp,
+        rank=rank,
+        local_rank=local_rank,
+        device=device,
+        backend=backend,
+        sp_group=sp_group,
+        dp_group=dp_group,
+    )

@@ -1,0 +1,60 @@
+"""Strategy function library over the unified layout: collectives, attention kernels, strategies.
+
+Imports torch only. Every function that communicates takes its `CommGroup` explicitly.
+"""
+
+from .attention import attention_backward, attention_forward, merge_lse, varlen_attention
+from .comm import (
+    all_gather_dim0,
+    all_gather_tokens,
+    all_reduce_,
+    all_to_all,
+    reduce_scatter_dim0,
+    reduce_scatter_tokens,
+)
+from .groups import CommCounter, CommGroup, count_bytes, new_groups, new_sp_groups
+from .layout import ZigzagLayout, pad_length, zigzag_natural_index
+from .ops import apply_rotary, split_qkv, swiglu
+from .ring import RingExchange
+from .ring_attention import ring_attention
+from .shape import AttentionWeights, LayerShape, MlpWeights
+from .strategies import RECOMPUTE_MODES, STRATEGY_NAMES, CommVolume, Strategy, get_strategy
+from .streaming import streamed_linear
+from .zero import gather_weight, zero_linear
+
+__all__ = [
+    "AttentionWeights",
+    "CommCounter",
+    "CommGroup",
+    "CommVolume",
+    "LayerShape",
+    "MlpWeights",
+    "RECOMPUTE_MODES",
+    "RingExchange",
+    "STRATEGY_NAMES",
+    "Strategy",
+    "ZigzagLayout",
+    "all_gather_dim0",
+    "all_gather_tokens",
+    "all_reduce_",
+    "all_to_all",
+    "apply_rotary",
+    "attention_backward",
+    "attention_forward",
+    "count_bytes",
+    "gather_weight",
+    "get_strategy",
+    "merge_lse",
+    "new_groups",
+    "new_sp_groups",
+    "pad_length",
+    "reduce_scatter_dim0",
+    "reduce_scatter_tokens",
+    "ring_attention",
+    "split_qkv",
+    "streamed_linear",
+    "swiglu",
+    "varlen_attention",
+    "zero_linear",
+    "zigzag_natural_index",
+]

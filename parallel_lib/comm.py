@@ -1,0 +1,159 @@
+"""Autograd-aware collectives over a `CommGroup`, written in the Megatron style.
+
+Three tiers: private functional helpers that talk to torch.distributed (and count bytes), autograd
+Function pairs whose backward is the transposed collective, and public snake_case wrappers.
+Every helper returns its input unchanged when the group has one rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .groups import CommGroup
+
+__all__ = [
+    "all_gather_tokens",
+    "reduce_scatter_tokens",
+    "all_to_all",
+    "all_gather_dim0",
+    "reduce_scatter_dim0",
+    "all_reduce_",
+]
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# ---------------------------------------------------------------- functional helpers (no autograd)
+
+
+def all_gather_dim0(x: Tensor, group: CommGroup) -> Tensor:
+    """(N, ...) on each rank -> (P*N, ...), rank r's rows at [r*N, (r+1)*N)."""
+    P = group.size
+    if P == 1:
+        return x
+    x = x.contiguous()
+    out = x.new_empty((P * x.shape[0], *x.shape[1:]))
+    group.monitor.record("all_gather", (P - 1) * _nbytes(x))
+    dist.all_gather_single(out, x, group=group.pg)
+    return out
+
+
+def reduce_scatter_dim0(x: Tensor, group: CommGroup) -> Tensor:
+    """(P*N, ...) on each rank -> (N, ...): rank r gets rows [r*N, (r+1)*N) summed over ranks."""
+    P = group.size
+    if P == 1:
+        return x
+    if x.shape[0] % P:
+        raise ValueError(f"reduce-scatter of {x.shape[0]} rows over {P} ranks")
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0] // P, *x.shape[1:]))
+    group.monitor.record("reduce_scatter", (P - 1) * _nbytes(x) // P)
+    dist.reduce_scatter_single(out, x, group=group.pg)
+    return out
+
+
+def _all_to_all(x: Tensor, group: CommGroup, scatter_dim: int, gather_dim: int) -> Tensor:
+    """Split x in P chunks along scatter_dim, chunk j to rank j; concatenate along gather_dim."""
+    P = group.size
+    if P == 1:
+        return x
+    if x.shape[scatter_dim] % P:
+        raise ValueError(f"all-to-all of dim {scatter_dim} (size {x.shape[scatter_dim]}) over {P}")
+    send = torch.stack(x.chunk(P, dim=scatter_dim))  # (P, ...chunk...), contiguous
+    recv = torch.empty_like(send)
+    group.monitor.record("all_to_all", (P - 1) * _nbytes(send) // P)
+    dist.all_to_all_single(recv, send, group=group.pg)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+def all_reduce_(x: Tensor, group: CommGroup) -> Tensor:
+    """In-place sum over the group (no autograd): for gradients of replicated parameters."""
+    P = group.size
+    if P == 1:
+        return x
+    group.monitor.record("all_reduce", 2 * (P - 1) * _nbytes(x) // P)
+    if x.is_contiguous():
+        dist.all_reduce(x, group=group.pg)
+    else:
+        buf = x.contiguous()
+        dist.all_reduce(buf, group=group.pg)
+        x.copy_(buf)
+    return x
+
+
+# ---------------------------------------------------------------- autograd functions
+
+
+class _GatherFromSequenceParallelRegion(torch.autograd.Function):
+    """forward: all-gather, backward: reduce-scatter, along dim 0."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: CommGroup) -> Tensor:
+        ctx.group = group
+        return all_gather_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return reduce_scatter_dim0(grad, ctx.group), None
+
+
+class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    """forward: reduce-scatter, backward: all-gather, along dim 0."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: CommGroup) -> Tensor:
+        ctx.group = group
+        return reduce_scatter_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return all_gather_dim0(grad, ctx.group), None
+
+
+class _AllToAll(torch.autograd.Function):
+    """forward: all-to-all scattering scatter_dim and gathering gather_dim; backward: the same
+    collective with the two dims swapped."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: CommGroup, scatter_dim: int, gather_dim: int) -> Tensor:
+        ctx.group, ctx.dims = group, (scatter_dim, gather_dim)
+        return _all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, ctx.group, gather_dim, scatter_dim), None, None, None
+
+
+# ---------------------------------------------------------------- public wrappers
+
+
+def all_gather_tokens(x: Tensor, group: CommGroup) -> Tensor:
+    """Sequence-parallel -> whole: forward all-gather, backward reduce-scatter, dim 0.
+
+    # (T/P, H) -> (T, H) in gathered order (rank 0's tokens, then rank 1's, ...)
+    """
+    if group.size == 1:
+        return x
+    return _GatherFromSequenceParallelRegion.apply(x, group)
+
+
+def reduce_scatter_tokens(x: Tensor, group: CommGroup) -> Tensor:
+    """Whole partial sums -> sequence-parallel: forward reduce-scatter, backward all-gather, dim 0.
+
+    # (T, H) partial, gathered order -> (T/P, H) summed over ranks
+    """
+    if group.size == 1:
+        return x
+    return _ReduceScatterToSequenceParallelRegion.apply(x, group)
+
+
+def all_to_all(x: Tensor, group: CommGroup, scatter_dim: int, gather_dim: int) -> Tensor:
+    """forward: all-to-all (scatter_dim -> ranks, gathered along gather_dim); backward: swapped."""
+    if group.size == 1:
+        return x
+    return _AllToAll.apply(x, group, scatter_dim, gather_dim)

@@ -1,0 +1,56 @@
+"""Pointwise pieces shared by every strategy: rotary embeddings, SwiGLU, splitting fused outputs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .shape import LayerShape
+
+__all__ = ["apply_rotary", "swiglu", "split_qkv"]
+
+
+def apply_rotary(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotate-half rotary embedding of x (N, heads, d) at integer positions (N,).
+
+    Angles are computed in float64: position * frequency in float32 loses ~pos * 6e-8 radians,
+    which is visible at long context."""
+    d = x.shape[-1]
+    inv_freq = theta ** (
+        -torch.arange(0, d // 2, dtype=torch.float64, device=x.device) * 2 / d
+    )  # (d/2,)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None]  # (N, d/2)
+    cos = torch.cos(angles).to(x.dtype)[:, None, :]  # (N, 1, d/2)
+    sin = torch.sin(angles).to(x.dtype)[:, None, :]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def split_qkv(y: Tensor, blocks: int, shape: LayerShape, P: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Split a fused projection output into q, k, v heads.
+
+    y (N, blocks * rows) holds `blocks` consecutive rank shards' outputs, each [q; k; v] for
+    heads/P query and kv_heads/P key/value heads (rows = shape.qkv_rows(P)).
+    Returns q (N, blocks*heads/P, d), k and v (N, blocks*kv_heads/P, d), heads in rank-major order.
+    """
+    d = shape.head_dim
+    hq, hk = shape.heads // P, shape.kv_heads // P
+    y = y.unflatten(1, (blocks, (hq + 2 * hk) * d))  # (N, blocks, rows)
+    q, k, v = y.split([hq * d, hk * d, hk * d], dim=2)
+    n = y.shape[0]
+    return (
+        q.reshape(n, blocks * hq, d),
+        k.reshape(n, blocks * hk, d),
+        v.reshape(n, blocks * hk, d),
+    )
+
+
+def swiglu(y: Tensor, blocks: int) -> Tensor:
+    """SwiGLU of a fused gate/up output y (N, blocks * 2f), each block [gate (f); up (f)].
+
+    # (N, blocks*2f) -> (N, blocks*f), columns in the same rank-major order as the down shards
+    """
+    y = y.unflatten(1, (blocks, -1))
+    gate, up = y.chunk(2, dim=2)
+    return (F.silu(gate) * up).flatten(1)

@@ -1,0 +1,38 @@
+"""`local`: the plain single-rank layer (P = 1)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import swiglu
+from ..shape import LayerShape
+from .base import CommVolume, Strategy
+from .common import attend_gathered
+
+
+class LocalStrategy(Strategy):
+    """Whole weights, whole sequences, one rank. Communication: none (0 bytes forward and
+    backward, every recompute mode)."""
+
+    name = "local"
+    holds_whole_weights = True
+    holds_whole_sequences = True
+
+    def supports(self, shape: LayerShape, P: int) -> tuple[bool, str]:
+        if P != 1:
+            return False, (
+                f"local runs on one rank only, but the group has P={P}; "
+                "use tp_sp, ulysses, ring, usp or metp, or sp=1"
+            )
+        return super().supports(shape, P)
+
+    def attention(self, x, weights, batch, group, *, recomputed=False):
+        y = x @ weights.qkv.t()  # (T, H) -> (T, qkv_rows)
+        o = attend_gathered(y, batch.layout, weights.shape, 1, [0], 1, group, self.attn_backend)
+        return o @ weights.out  # (T, heads*d) -> (T, H)
+
+    def mlp(self, x, weights, group, *, recomputed=False):
+        return swiglu(x @ weights.gate_up.t(), 1) @ weights.down
+
+    def comm_volume(self, shape, tokens, P, dtype: torch.dtype, recompute="none") -> CommVolume:
+        return CommVolume()

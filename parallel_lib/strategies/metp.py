@@ -1,0 +1,70 @@
+"""`metp`: memory-efficient tensor parallelism: no rank holds a whole weight or a whole sequence."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import apply_rotary, split_qkv, swiglu
+from ..ring_attention import ring_attention
+from ..streaming import streamed_linear
+from .base import CommVolume, Strategy, acc_bytes
+
+
+class MemoryEfficientTP(Strategy):
+    """Weight shards stream round the ring one at a time (outer loop); each rank projects its own
+    T/P tokens with whichever shard it holds, and attention runs as ring attention once per head
+    group (inner loop), so only one group's K/V chunk is ever in flight.
+
+    Communication per layer and rank (all point-to-point), with Tl = T/P, b bytes per element,
+    S the rank's weight shard elements (attention (heads+2·kv_heads)·d·H/P + heads·d·H/P, MLP
+    3·F·H/P), S_mlp = 3·F·H/P, a = 4 (float32 K/V-gradient accumulators; 8 for float64):
+      forward:  weights (P-1)·S·b + K/V (P-1)·2·Tl·kv_heads·d·b
+      backward: weights (P-1)·S·b + weight gradients P·S·b
+                + K/V (P-1)·2·Tl·kv_heads·d·b + K/V gradients P·2·Tl·kv_heads·d·a
+                (P = 1: nothing is sent)
+      recompute selective: backward + (P-1)·S_mlp·b; recompute full: backward + the forward.
+    """
+
+    name = "metp"
+    holds_whole_weights = False
+    holds_whole_sequences = False
+
+    def attention(self, x, weights, batch, group, *, recomputed=False):
+        layout, shape, P = batch.layout, weights.shape, group.size
+        y = streamed_linear(x, weights.qkv, group, input_major=False)  # (T/P, P*qkv_rows)
+        q, k, v = split_qkv(y, P, shape, P)  # (T/P, heads | kv_heads, d), rank-major heads
+        q = apply_rotary(q, layout.positions, shape.rope_theta)
+        k = apply_rotary(k, layout.positions, shape.rope_theta)
+        hq, hk = shape.heads // P, shape.kv_heads // P
+        outputs = []
+        for g in range(P):  # one head group (one weight shard's heads) at a time
+            qg = q[:, g * hq : (g + 1) * hq].contiguous()
+            kg = k[:, g * hk : (g + 1) * hk].contiguous()
+            vg = v[:, g * hk : (g + 1) * hk].contiguous()
+            outputs.append(
+                ring_attention(qg, kg, vg, layout.local_bounds, group, backend=self.attn_backend)
+            )
+        o = torch.cat(outputs, dim=1).flatten(1)  # (T/P, heads*d)
+        return streamed_linear(o, weights.out, group, input_major=True)
+
+    def mlp(self, x, weights, group, *, recomputed=False):
+        P = group.size
+        y = streamed_linear(x, weights.gate_up, group, input_major=False)  # (T/P, 2F)
+        return streamed_linear(swiglu(y, P), weights.down, group, input_major=True)
+
+    def comm_volume(self, shape, tokens, P, dtype: torch.dtype, recompute="none") -> CommVolume:
+        vol = CommVolume()
+        if P == 1:
+            return vol
+        b = torch.empty((), dtype=dtype).element_size()
+        attn_shard, mlp_shard = shape.shard_numels(P)
+        shard = attn_shard + mlp_shard
+        kv = 2 * (tokens // P) * shape.kv_heads * shape.head_dim
+        forward = (P - 1) * shard * b + (P - 1) * kv * b
+        vol.add("forward", "p2p", forward)
+        vol.add("backward", "p2p", forward + P * shard * b + P * kv * acc_bytes(dtype))
+        if recompute == "selective":
+            vol.add("backward", "p2p", (P - 1) * mlp_shard * b)
+        elif recompute == "full":
+            vol.add("backward", "p2p", forward)
+        return vol

@@ -1,0 +1,84 @@
+"""The ZeRO-3 family: whole weights gathered one layer at a time, attention over a 2-D group.
+
+`ulysses`, `ring` and `usp` are one algorithm on a factorisation P = u x c of the group: an
+all-to-all inside inner groups of u ranks trades tokens for heads (Ulysses), then ring attention
+runs across the c inner groups (each inner group's tokens form a zigzag layout over 2c
+super-chunks). ulysses is u = P, c = 1; ring is u = 1, c = P; usp has both at least 2.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+
+from ..comm import all_to_all
+from ..groups import CommGroup
+from ..ops import swiglu
+from ..zero import zero_linear
+from .base import CommVolume, Strategy, acc_bytes
+from .common import attend_gathered
+
+
+class Zero3Strategy(Strategy):
+    """Shared implementation; subclasses choose the factorisation and document their volumes."""
+
+    holds_whole_weights = True
+
+    @abstractmethod
+    def inner_degree(self, P: int) -> int:
+        """u, the all-to-all degree; the ring runs over c = P / u."""
+
+    def attention(self, x, weights, batch, group: CommGroup, *, recomputed=False):
+        layout, shape, P = batch.layout, weights.shape, group.size
+        u = self.inner_degree(P)
+        inner, outer = group.factor(u)
+        y = zero_linear(x, weights.qkv, group, input_major=False, keep_gathered=recomputed)
+        # (T/P, P*rows) -> (u*T/P, P/u*rows): tokens of the inner group, its 1/u of the heads
+        y = all_to_all(y, inner, scatter_dim=1, gather_dim=0)
+        o_index = group.rank - inner.rank  # first member of my inner group
+        members = range(o_index, o_index + u)
+        o = attend_gathered(y, layout, shape, P, members, P // u, outer, self.attn_backend)
+        o = all_to_all(o, inner, scatter_dim=0, gather_dim=1)  # -> (T/P, heads*d)
+        return zero_linear(o, weights.out, group, input_major=True, keep_gathered=recomputed)
+
+    def mlp(self, x, weights, group, *, recomputed=False):
+        P = group.size
+        y = zero_linear(x, weights.gate_up, group, input_major=False, keep_gathered=recomputed)
+        h = swiglu(y, P)  # (T/P, 2F) -> (T/P, F), rank-major columns
+        return zero_linear(h, weights.down, group, input_major=True, keep_gathered=recomputed)
+
+    def comm_volume(self, shape, tokens, P, dtype: torch.dtype, recompute="none") -> CommVolume:
+        vol = CommVolume()
+        b = torch.empty((), dtype=dtype).element_size()
+        u = self.inner_degree(P)
+        c, tl, d = P // u, tokens // P, shape.head_dim
+        weights = (P - 1) * sum(shape.shard_numels(P)) * b
+        a2a = (u - 1) * tl * (2 * shape.heads + 2 * shape.kv_heads) * d * b // u
+        kv = 2 * tl * shape.kv_heads * d  # elements of one K/V ring message
+        ring_fwd = (c - 1) * kv * b
+        ring_bwd = ring_fwd + (c * kv * acc_bytes(dtype) if c > 1 else 0)
+        vol.add("forward", "all_gather", weights)
+        vol.add("forward", "all_to_all", a2a)
+        vol.add("forward", "p2p", ring_fwd)
+        vol.add("backward", "all_gather", weights)
+        vol.add("backward", "reduce_scatter", weights)
+        vol.add("backward", "all_to_all", a2a)
+        vol.add("backward", "p2p", ring_bwd)
+        if recompute == "full":
+            vol.add("backward", "all_to_all", a2a)
+            vol.add("backward", "p2p", ring_fwd)
+        return vol
+
+
+_VOLUME_DOC = """
+    Communication per layer and rank, with Tl = T/P tokens per rank, b bytes per element, a = 4
+    (bytes of the float32 gradient accumulators; 8 for float64), S the rank's weight shard elements
+    (attention (heads+2·kv_heads)·d·H/P + heads·d·H/P, MLP 3·F·H/P):
+      forward:  all-gather (P-1)·S·b; all-to-all (u-1)/u·Tl·(2·heads+2·kv_heads)·d·b;
+                p2p (c-1)·2·Tl·kv_heads·d·b
+      backward: all-gather (P-1)·S·b; reduce-scatter (P-1)·S·b; the same all-to-all;
+                p2p (c-1)·2·Tl·kv_heads·d·b + c·2·Tl·kv_heads·d·a (the latter only when c > 1)
+      recompute selective: unchanged (the recomputation's weight gather replaces the backward's);
+      recompute full: backward + the forward's all-to-all and p2p.
+"""

@@ -1,0 +1,29 @@
+"""ParaDySe: adaptive layer-wise parallel strategy switching for LLM training."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="paradyse",
+    version="0.1.0",
+    description=(
+        "Per-micro-batch, per-layer parallel strategy and recompute selection for LLM training "
+        "on sequences of wildly varying length"
+    ),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=[
+        "paradyse",
+        "parallel_lib",
+        "parallel_lib.strategies",
+        "cost_models",
+        "planners",
+        "integrations",
+    ],
+    # torch is pinned by constraints.txt in `make setup`; a bare `torch` here would let pip pull a
+    # multi-GB CUDA build on machines where the CPU wheel is the one wanted.
+    install_requires=["torch>=2.6", "numpy>=1.24"],
+    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+)
