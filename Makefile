@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 1
 
 setup: $(STAMP)
 
-# torch is installed first, pinned, so that nothing later resolves a plain `torch` to a CUDA build.
+# torch is installed first, pinned, so that nothing later resolves a plain `torch` to another build.
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch

@@ -13,7 +13,9 @@ this rank sent (parallel_lib.count_bytes); peak memory is torch's MemTracker pea
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -124,6 +126,40 @@ def headline(rows: list[Row]) -> str:
     return "fastest by token count | " + " | ".join(parts)
 
 
+def _fail(message: str) -> None:
+    """One line on stderr, from rank 0 only (not a traceback per rank), and exit 2."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"benchmarks/strategies.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _validated(args: argparse.Namespace) -> tuple[LayerShape, list[str], list[int]]:
+    names = list(STRATEGY_NAMES) if args.strategies == "all" else args.strategies.split(",")
+    unknown = [n for n in names if n not in STRATEGY_NAMES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGY_NAMES)}")
+    try:
+        token_counts = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--tokens must be comma-separated integers, got {args.tokens!r}"
+        ) from None
+    for flag, value in (("--tokens", min(token_counts)), ("--repeats", args.repeats),
+                        ("--sequences", args.sequences)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.hidden % args.heads:
+        raise ValueError(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
+    shape = LayerShape(
+        hidden=args.hidden,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        ffn_hidden=args.ffn,
+    )
+    return shape, names, token_counts
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", default="256,1024,4096", help="comma-separated token counts")
@@ -137,17 +173,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--ffn", type=int, default=704)
     args = p.parse_args(argv)
+    try:
+        shape, names, token_counts = _validated(args)
+    except ValueError as e:
+        _fail(str(e))
 
     torch.set_num_threads(1)
     mesh = paradyse.init_mesh()
-    shape = LayerShape(
-        hidden=args.hidden,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        ffn_hidden=args.ffn,
-    )
-    names = STRATEGY_NAMES if args.strategies == "all" else args.strategies.split(",")
     chosen = []
     for name in names:
         ok, reason = get_strategy(name).supports(shape, mesh.sp)
@@ -156,12 +188,12 @@ def main(argv: list[str] | None = None) -> None:
         elif mesh.rank == 0:
             print(f"skipped {reason}")
     if not chosen:
-        raise SystemExit(f"no strategy supports this shape on sp={mesh.sp}")
+        _fail(f"no strategy supports this shape on sp={mesh.sp}")
     rows = measure(
         mesh,
         shape,
         chosen,
-        [int(t) for t in args.tokens.split(",")],
+        token_counts,
         sequences=args.sequences,
         repeats=args.repeats,
         recompute=args.recompute,

@@ -58,21 +58,26 @@ class Mesh:
 def init_mesh(sp: int | None = None, *, backend: str | None = None) -> Mesh:
     """Build the mesh (collective across all processes). sp defaults to the world size.
 
-    Under torchrun (WORLD_SIZE set) the default process group is initialised if it is not yet;
-    a plain process without it is a world of one."""
-    cuda = torch.cuda.is_available()
+    Under torchrun (WORLD_SIZE set) the default process group is initialised if it is not yet
+    (nccl where CUDA is present, else gloo, unless `backend` says otherwise); a process group
+    initialised by the caller is used as it is. A plain process without torchrun is a world of
+    one, on cuda:0 where CUDA is present. The device follows the backend: nccl -> cuda:LOCAL_RANK
+    (made current), gloo -> cpu."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
-    backend = backend or ("nccl" if cuda else "gloo")
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if cuda:
-            torch.cuda.set_device(device)
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend)
     if dist.is_initialized():
-        world, rank = dist.get_world_size(), dist.get_rank()
-        backend = dist.get_backend()
+        world, rank, backend = dist.get_world_size(), dist.get_rank(), dist.get_backend()
+        on_cuda = "nccl" in backend  # a gloo group (also on a CUDA machine) communicates on CPU
     else:
         world, rank, backend = 1, 0, "none"
+        on_cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if on_cuda else torch.device("cpu")
+    if on_cuda:
+        torch.cuda.set_device(device)
     sp = world if sp is None else sp
     if sp < 1 or world % sp:
         raise ValueError(

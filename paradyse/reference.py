@@ -51,8 +51,8 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def _rope(x: Tensor, theta: float) -> Tensor:
     """x (L, h, d): rotate each pair (x_i, x_{i+d/2}) by angle position * theta^(-2i/d)."""
     L, _, d = x.shape
-    freqs = theta ** (-torch.arange(0, d // 2, dtype=torch.float64) * 2 / d)
-    angles = torch.outer(torch.arange(L, dtype=torch.float64), freqs)  # (L, d/2)
+    freqs = theta ** (-torch.arange(0, d // 2, dtype=torch.float64, device=x.device) * 2 / d)
+    angles = torch.outer(torch.arange(L, dtype=torch.float64, device=x.device), freqs)  # (L, d/2)
     rot = torch.polar(torch.ones_like(angles), angles)[:, None, :]  # (L, 1, d/2) complex128
     z = torch.complex(x[..., : d // 2].double(), x[..., d // 2 :].double()) * rot
     return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
@@ -78,7 +78,7 @@ class ReferenceDecoderLayer(nn.Module):
         rep = s.heads // s.kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(s.head_dim)
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
         attn = torch.einsum("hij,jhd->ihd", probs, v).reshape(L, -1)
         x = x + attn @ w["wo"].T

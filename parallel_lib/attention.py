@@ -6,12 +6,14 @@ in q's dtype and lse (heads, Tq) float32 (float64 for float64 inputs). Backends:
 - "cpu_flash": torch's CPU flash kernel and its backward, one call per sequence;
 - "cuda_flash": the varlen flash attention shipped with torch (fp16/bf16 on CUDA);
 - "reference": plain torch, any float dtype (float64 for tests);
-- "auto": cuda_flash for half types on CUDA, cpu_flash on CPU, else reference.
+- "auto": cuda_flash for half types on CUDA, cpu_flash on CPU, else reference (float32 on CUDA
+  thus materialises each sequence's (heads, L, L) scores: train in bfloat16 on GPUs).
 Causal masking is only defined here for equal query and key lengths per sequence.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -24,6 +26,7 @@ __all__ = [
     "varlen_attention",
     "merge_lse",
     "resolve_backend",
+    "accumulator_dtype",
 ]
 
 BACKENDS = ("auto", "cpu_flash", "cuda_flash", "reference")
@@ -50,8 +53,13 @@ def _segments(cu_q: Sequence[int], cu_k: Sequence[int], causal: bool):
             yield q0, q1, k0, k1
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where partial attention results and gradient sums accumulate (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _lse_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+    return accumulator_dtype(q.dtype)
 
 
 def _as_bhsd(t: Tensor) -> Tensor:
@@ -129,8 +137,11 @@ def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
 # ---------------------------------------------------------------- CUDA varlen flash
 
 
-def _cuda_cu(cu: Sequence[int], device) -> Tensor:
-    return torch.tensor(list(cu), dtype=torch.int32, device=device)
+@functools.lru_cache(maxsize=64)
+def _cuda_cu(cu: tuple[int, ...], device: torch.device) -> Tensor:
+    """Device copy of cumulative lengths, made once per micro-batch: a host-to-device copy per
+    call would synchronise the stream inside the ring's overlapped loop."""
+    return torch.tensor(cu, dtype=torch.int32, device=device)
 
 
 def _max_len(cu: Sequence[int]) -> int:
@@ -138,8 +149,8 @@ def _max_len(cu: Sequence[int]) -> int:
 
 
 def _cuda_forward(q, k, v, cu_q, cu_k, causal, scale):
-    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-        q, k, v, _cuda_cu(cu_q, q.device), _cuda_cu(cu_k, q.device),
+    out, lse, _, _, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, _cuda_cu(tuple(cu_q), q.device), _cuda_cu(tuple(cu_k), q.device),
         _max_len(cu_q), _max_len(cu_k), 0.0, causal, False, scale=scale,
     )  # fmt: skip
     if lse.shape != (q.shape[1], q.shape[0]):
@@ -148,11 +159,13 @@ def _cuda_forward(q, k, v, cu_q, cu_k, causal, scale):
 
 
 def _cuda_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale):
-    rng = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    cq, ck = _cuda_cu(tuple(cu_q), q.device), _cuda_cu(tuple(cu_k), q.device)
+    # no dropout, so the philox state is unused (as in torch.nn.attention.varlen)
+    rng, unused = torch.zeros(2, dtype=torch.uint64, device=q.device), q.new_empty(0)
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
         dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(),
-        _cuda_cu(cu_q, q.device), _cuda_cu(cu_k, q.device), _max_len(cu_q), _max_len(cu_k),
-        0.0, causal, rng, rng, scale=scale,
+        cq, ck, _max_len(cu_q), _max_len(cu_k),
+        0.0, causal, rng, unused, scale=scale,
     )  # fmt: skip
     return dq, dk, dv
 

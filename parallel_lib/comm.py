@@ -27,6 +27,11 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+# torch 2.13 renamed the single-tensor collectives; older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 # ---------------------------------------------------------------- functional helpers (no autograd)
 
 
@@ -38,7 +43,7 @@ def all_gather_dim0(x: Tensor, group: CommGroup) -> Tensor:
     x = x.contiguous()
     out = x.new_empty((P * x.shape[0], *x.shape[1:]))
     group.monitor.record("all_gather", (P - 1) * _nbytes(x))
-    dist.all_gather_single(out, x, group=group.pg)
+    _all_gather_single(out, x, group=group.pg)
     return out
 
 
@@ -52,7 +57,7 @@ def reduce_scatter_dim0(x: Tensor, group: CommGroup) -> Tensor:
     x = x.contiguous()
     out = x.new_empty((x.shape[0] // P, *x.shape[1:]))
     group.monitor.record("reduce_scatter", (P - 1) * _nbytes(x) // P)
-    dist.reduce_scatter_single(out, x, group=group.pg)
+    _reduce_scatter_single(out, x, group=group.pg)
     return out
 
 

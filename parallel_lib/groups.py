@@ -64,7 +64,8 @@ class CommGroup:
     """This process's index in `ranks`."""
     monitor: _Monitor = field(default_factory=_Monitor, repr=False)
     factors: dict[int, tuple[CommGroup, CommGroup]] = field(default_factory=dict, repr=False)
-    """inner degree u -> (inner group of u ranks, outer group of size/u ranks), both holding me."""
+    """inner degree u (1 < u < size) -> (inner group of u ranks, outer group of size/u ranks),
+    both holding this rank; see `factor`."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < len(self.ranks):
@@ -80,21 +81,29 @@ class CommGroup:
         return self.ranks[index % self.size]
 
     def factor(self, inner: int) -> tuple[CommGroup, CommGroup]:
-        """(inner, outer) groups for size = inner x outer: inner consecutive, outer strided."""
+        """(inner, outer) groups for size = inner x outer: inner consecutive, outer strided.
+
+        inner = 1 and inner = size need no process group of their own; other factorisations
+        exist only on groups made by `new_sp_groups`."""
+        if inner == 1:
+            return self.alone(), self
+        if inner == self.size:
+            return self, self.alone()
         if inner not in self.factors:
             raise ValueError(
                 f"no {inner} x {self.size // max(inner, 1)} factorisation of a group of "
-                f"{self.size}; "
-                f"available inner degrees: {sorted(self.factors)}"
+                f"{self.size}; available inner degrees: {sorted({1, self.size, *self.factors})}"
             )
         return self.factors[inner]
+
+    def alone(self) -> CommGroup:
+        """A group of this process only, counted by the same monitor."""
+        return CommGroup(pg=None, ranks=(self.ranks[self.rank],), rank=0, monitor=self.monitor)
 
     @classmethod
     def single(cls, global_rank: int = 0) -> CommGroup:
         """A group holding only this process."""
-        group = cls(pg=None, ranks=(global_rank,), rank=0)
-        group.factors[1] = (group, group)
-        return group
+        return cls(pg=None, ranks=(global_rank,), rank=0)
 
 
 @contextmanager
@@ -113,19 +122,26 @@ def divisors(n: int) -> list[int]:
 
 
 def new_groups(
-    partition: Sequence[Sequence[int]], my_rank: int, monitor: _Monitor | None = None
+    partition: Sequence[Sequence[int]],
+    my_rank: int,
+    monitor: _Monitor | None = None,
+    factors: dict[int, tuple[CommGroup, CommGroup]] | None = None,
 ) -> CommGroup:
     """Create one group per member list (collective: every process calls with the same partition).
 
-    Returns the group containing `my_rank`. Lists of one rank get no torch process group.
-    """
+    Returns the group containing `my_rank`. Lists of one rank get no torch process group."""
     mine = None
     for members in partition:
         members = tuple(members)
         pg = dist.new_group(list(members)) if len(members) > 1 else None
         if my_rank in members:
-            kwargs = {"monitor": monitor} if monitor is not None else {}
-            mine = CommGroup(pg=pg, ranks=members, rank=members.index(my_rank), **kwargs)
+            mine = CommGroup(
+                pg=pg,
+                ranks=members,
+                rank=members.index(my_rank),
+                monitor=monitor or _Monitor(),
+                factors=factors or {},
+            )
     if mine is None:
         raise ValueError(f"rank {my_rank} is in none of the groups {partition}")
     return mine
@@ -134,24 +150,16 @@ def new_groups(
 def new_sp_groups(sp_partition: Sequence[Sequence[int]], my_rank: int) -> CommGroup:
     """Create the switchable groups and every inner x outer factorisation of them (collective).
 
-    For each divisor u of P the inner groups are u consecutive members and the outer groups take
-    every u-th member, so inner group o holds members o*u .. o*u+u-1.
-    """
-    sp = new_groups(sp_partition, my_rank)
-    P = sp.size
+    For each divisor u of P (1 < u < P) the inner groups are u consecutive members and the outer
+    groups take every u-th member, so inner group o holds members o*u .. o*u+u-1."""
+    P = len(sp_partition[0])
     if any(len(members) != P for members in sp_partition):
         raise ValueError(f"switchable groups must all have the same size, got {sp_partition}")
-    for u in divisors(P):
-        if u == 1:
-            inner = CommGroup(pg=None, ranks=(my_rank,), rank=0, monitor=sp.monitor)
-            sp.factors[1] = (inner, sp)
-        elif u == P:
-            outer = CommGroup(pg=None, ranks=(my_rank,), rank=0, monitor=sp.monitor)
-            sp.factors[P] = (sp, outer)
-        else:
-            inner_part = [m[o * u : (o + 1) * u] for m in sp_partition for o in range(P // u)]
-            outer_part = [m[j::u] for m in sp_partition for j in range(u)]
-            inner = new_groups(inner_part, my_rank, sp.monitor)
-            outer = new_groups(outer_part, my_rank, sp.monitor)
-            sp.factors[u] = (inner, outer)
-    return sp
+    monitor = _Monitor()
+    factors = {}
+    for u in divisors(P)[1:-1]:
+        inner_part = [m[o * u : (o + 1) * u] for m in sp_partition for o in range(P // u)]
+        outer_part = [m[j::u] for m in sp_partition for j in range(u)]
+        inner = new_groups(inner_part, my_rank, monitor)
+        factors[u] = (inner, new_groups(outer_part, my_rank, monitor))
+    return new_groups(sp_partition, my_rank, monitor, factors)

@@ -26,7 +26,7 @@ def pad_length(length: int, P: int) -> int:
     return -(-length // (2 * P)) * (2 * P)
 
 
-def _concat_ranges(starts: Tensor, lengths: Tensor) -> Tensor:
+def concat_ranges(starts: Tensor, lengths: Tensor) -> Tensor:
     """cat([arange(s, s + n) for s, n in zip(starts, lengths)]) without a Python loop."""
     offsets = torch.cumsum(lengths, 0) - lengths
     return torch.repeat_interleave(starts - offsets, lengths) + torch.arange(int(lengths.sum()))
@@ -39,7 +39,7 @@ def zigzag_natural_index(padded_lens: Sequence[int], P: int, rank: int) -> Tenso
     chunk = lens // (2 * P)
     # per sequence: chunk `rank`, then chunk 2P-1-rank  # (n, 2) -> (2n,)
     starts = torch.stack([seq_starts + rank * chunk, seq_starts + (2 * P - 1 - rank) * chunk], 1)
-    return _concat_ranges(starts.reshape(-1), chunk.repeat_interleave(2))
+    return concat_ranges(starts.reshape(-1), chunk.repeat_interleave(2))
 
 
 class ZigzagLayout:
@@ -68,7 +68,6 @@ class ZigzagLayout:
         """Cumulative lengths of each sequence's local segment (two equal halves)."""
         self.total_tokens = bounds[-1]
         self.local_tokens = self.total_tokens // P
-        self.max_seqlen = max(self.padded_lens)
 
     # ------------------------------------------------------------------ local tokens
     def _dev(self, t: Tensor) -> Tensor:
@@ -82,12 +81,12 @@ class ZigzagLayout:
     @cached_property
     def local_natural_index(self) -> Tensor:
         """(T/P,) natural index of each local token."""
-        return self._dev(zigzag_natural_index(self.padded_lens, self.size, self.rank))
+        return self._dev(self.members_natural_index([self.rank]))
 
-    @cached_property
+    @property
     def positions(self) -> Tensor:
         """(T/P,) position of each local token inside its sequence (for rotary embeddings)."""
-        return self._positions_of(zigzag_natural_index(self.padded_lens, self.size, self.rank))
+        return self.gathered([self.rank])[0]
 
     def _positions_of(self, natural: Tensor) -> Tensor:
         starts = torch.tensor(self.bounds[:-1], dtype=torch.int64)

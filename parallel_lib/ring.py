@@ -15,8 +15,11 @@ __all__ = ["RingExchange", "circulate", "circulate_accumulating"]
 
 class RingExchange:
     """One in-flight ring step: `start(t)` posts send(t -> next) and recv(prev -> buffer) together
-    (batch_isend_irecv), `wait()` returns the buffer. Streams that overlap in time use distinct tags
-    so that their messages cannot be matched with each other."""
+    (batch_isend_irecv), `wait()` returns the buffer.
+
+    Two exchanges in flight at once between the same ranks are matched in posting order, so every
+    rank must post them in the same order (the callers here do); distinct tags additionally keep
+    them apart on backends that honour tags (gloo; NCCL ignores tags)."""
 
     def __init__(self, group: CommGroup, tag: int = 0) -> None:
         self.group = group

@@ -14,13 +14,21 @@ and arrive home after n hops (`parallel_lib.ring.circulate_accumulating`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .attention import attention_backward, attention_forward, merge_lse, varlen_attention
+from .attention import (
+    accumulator_dtype,
+    attention_backward,
+    attention_forward,
+    merge_lse,
+    varlen_attention,
+)
 from .groups import CommGroup
+from .layout import concat_ranges
 from .ring import circulate, circulate_accumulating
 
 __all__ = ["ring_attention"]
@@ -28,15 +36,17 @@ __all__ = ["ring_attention"]
 _KV_TAG, _GRAD_TAG = 11, 12
 
 
-def _halves(local_bounds: Sequence[int], device) -> tuple[Tensor, Tensor, list[int]]:
-    """Index of the first and second halves of every local segment, and the halves' bounds."""
-    first, second = [], []
-    for a, b in zip(local_bounds[:-1], local_bounds[1:], strict=True):
-        mid = (a + b) // 2
-        first.append(torch.arange(a, mid))
-        second.append(torch.arange(mid, b))
-    half_bounds = [c // 2 for c in local_bounds]
-    return torch.cat(first).to(device), torch.cat(second).to(device), half_bounds
+@functools.lru_cache(maxsize=64)
+def _halves(
+    local_bounds: tuple[int, ...], device: torch.device
+) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """Index of the first and second halves of every local segment, and the halves' bounds.
+    Cached: the same micro-batch asks once per layer, forward and backward."""
+    bounds = torch.tensor(local_bounds, dtype=torch.int64)
+    starts, half = bounds[:-1], (bounds[1:] - bounds[:-1]) // 2
+    first = concat_ranges(starts, half)
+    second = concat_ranges(starts + half, half)
+    return first.to(device), second.to(device), tuple(c // 2 for c in local_bounds)
 
 
 def _block(step: int, src: int, me: int, bounds, halves):
@@ -58,7 +68,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, bounds, group, scale, backend):
         n, me = group.size, group.rank
         halves = _halves(bounds, q.device)
-        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc_dtype = accumulator_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc_dtype, device=q.device)
 
@@ -87,7 +97,7 @@ class _RingAttention(torch.autograd.Function):
         bounds, group, scale, backend = ctx.args
         n, me = group.size, group.rank
         halves = _halves(bounds, q.device)
-        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc_dtype = accumulator_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
 
         def visit(step: int, kv: Tensor) -> Tensor:

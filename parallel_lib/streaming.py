@@ -4,7 +4,8 @@ No rank ever holds a whole weight: at ring step i rank r holds shard g = (r - i)
 that shard's part of the product for its own tokens, and passes the shard on while computing (the
 next shard is in flight). The backward streams the shards again for the input gradient, and each
 shard's gradient accumulator travels one step behind it, picking up every rank's contribution, and
-arrives at its owner after P hops.
+arrives at its owner after P hops. Sums of partial products over the P shards accumulate locally
+in float32; the travelling weight-gradient sums keep the weight's dtype, as a reduce-scatter would.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .attention import accumulator_dtype
 from .groups import CommGroup
 from .ring import circulate, circulate_accumulating
 
@@ -29,8 +31,9 @@ class _StreamedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shard, group, input_major):
         P, r = group.size, group.rank
+        acc = accumulator_dtype(x.dtype)  # sums of P partial products accumulate in float32
         if input_major:  # y = sum_g x[:, block g] @ W_g, W_g (rows, out)
-            y = x.new_zeros((x.shape[0], shard.shape[1]))
+            y = x.new_zeros((x.shape[0], shard.shape[1]), dtype=acc)
         else:  # y[:, block g] = x @ W_g.T, W_g (rows, in)
             y = x.new_empty((x.shape[0], P * shard.shape[0]))
 
@@ -44,14 +47,14 @@ class _StreamedLinear(torch.autograd.Function):
         circulate(shard, group, visit, tag=_WEIGHT_TAG)
         ctx.group, ctx.input_major = group, input_major
         ctx.save_for_backward(x, shard)
-        return y
+        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, shard = ctx.saved_tensors
         group, input_major = ctx.group, ctx.input_major
         P, r = group.size, group.rank
-        dx = torch.zeros_like(x)
+        dx = torch.zeros_like(x, dtype=accumulator_dtype(x.dtype))
         want_dweight = ctx.needs_input_grad[1]  # frozen weights: stream weights, not gradients
 
         def visit(step: int, weight: Tensor) -> Tensor | None:
@@ -65,9 +68,9 @@ class _StreamedLinear(torch.autograd.Function):
 
         if not want_dweight:
             circulate(shard, group, visit, tag=_WEIGHT_TAG)
-            return dx, None, None, None
+            return dx.to(x.dtype), None, None, None
         dweight = circulate_accumulating(shard, group, visit, tags=(_WEIGHT_TAG, _GRAD_TAG))
-        return dx, dweight, None, None
+        return dx.to(x.dtype), dweight, None, None
 
 
 def streamed_linear(x: Tensor, shard: Tensor, group: CommGroup, *, input_major: bool) -> Tensor:

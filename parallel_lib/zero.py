@@ -41,10 +41,10 @@ class _ZeroLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        if not ctx.kept:
-            weight = gather_weight(weight, ctx.group)
         dx = dshard = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # the weight gradient alone needs no whole weight
+            if not ctx.kept:
+                weight = gather_weight(weight, ctx.group)
             # y = x @ W (input-major W: (in, out)) or y = x @ W.T (W: (out, in))
             dx = dy @ weight.t() if ctx.input_major else dy @ weight
         if ctx.needs_input_grad[1]:

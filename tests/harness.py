@@ -195,9 +195,10 @@ class _Pool:
 
     def kill(self) -> None:
         """Kill every worker (idle or stuck alike: there is no state worth a clean exit)."""
-        for proc in self.procs:
+        started = [proc for proc in self.procs if proc.pid is not None]
+        for proc in started:
             proc.kill()
-        for proc in self.procs:
+        for proc in started:
             proc.join()
         for conn in self.conns:
             conn.close()

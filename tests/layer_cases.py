@@ -29,8 +29,9 @@ def mesh_for(sp: int | None = None) -> paradyse.Mesh:
 
 
 def uneven_lengths(P: int) -> list[int]:
-    """At least 3 causal sequences: one shorter than 2P, one not a multiple of 2P, one long."""
-    return [max(1, 2 * P - 1), 4 * P + 3, 37, 16 * P]
+    """Packed causal sequences of uneven lengths: a single token, one shorter than 2P, one not a
+    multiple of 2P, a prime length, one long."""
+    return [1, max(2, 2 * P - 1), 4 * P + 3, 37, 16 * P]
 
 
 class Case:

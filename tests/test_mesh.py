@@ -45,10 +45,11 @@ def describe_mesh(sp: int | None) -> dict:
         "dp": members_by_all_gather(dp_group),
         "factors": {},
     }
-    assert sorted(sp_group.factors) == [u for u in range(1, mesh.sp + 1) if mesh.sp % u == 0]
-    for u, (inner, outer) in sorted(sp_group.factors.items()):
+    # every factorisation: 1 x P and P x 1 intrinsically, the others created at init
+    assert sorted(sp_group.factors) == [u for u in range(2, mesh.sp) if mesh.sp % u == 0]
+    for u in [u for u in range(1, mesh.sp + 1) if mesh.sp % u == 0]:
+        inner, outer = sp_group.factor(u)
         assert (inner.size, outer.size) == (u, mesh.sp // u)
-        assert sp_group.factor(u) == (inner, outer)
         assert inner.monitor is sp_group.monitor and outer.monitor is sp_group.monitor
         info["factors"][u] = (members_by_all_gather(inner), members_by_all_gather(outer))
     bad = next((u for u in range(2, mesh.sp + 2) if mesh.sp % u), None)
@@ -171,6 +172,6 @@ def test_world1_plain_process_without_torchrun_env() -> None:
     assert out["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
     assert out["sp"] == [0] and out["dp"] == [0] and out["ranks"] == [0, 0]
     assert out["pgs"] == [True, True]
-    assert out["factors"] == [1]
+    assert out["factors"] == []  # 1 x 1 needs no stored factorisation
     assert out["explicit_sp1"] == 1
     assert "sp=2" in out["sp2_error"] and "choose sp among [1]" in out["sp2_error"]

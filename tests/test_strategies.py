@@ -114,3 +114,34 @@ def stack_case() -> None:
 @pytest.mark.parametrize("P", [1, 2, 4])
 def test_stack_of_different_strategies(P: int) -> None:
     run_distributed(P, stack_case)
+
+
+def frozen_case() -> None:
+    """Frozen weights (only the input gradient is wanted) and an input without gradient (only the
+    weight gradients are wanted), for every strategy the group supports."""
+    mesh = mesh_for()
+    case = Case(uneven_lengths(mesh.sp), seed=20 + mesh.sp)
+    out, dx, grads = case.reference()
+    batch = case.batch(mesh)
+    real = batch.real_mask()
+    for name in [n for n in STRATEGY_NAMES if get_strategy(n).supports(SHAPE, mesh.sp)[0]]:
+        for recompute in RECOMPUTE_MODES:
+            what = f"{name} P={mesh.sp} recompute={recompute}"
+            frozen = case.layers(mesh, torch.float32)[0].requires_grad_(False)
+            x = case.local(batch, case.xs).float().requires_grad_()
+            y = frozen(x, batch, name, recompute)
+            y.backward(case.local(batch, case.dys).float())
+            assert_close(y[real], case.local(batch, out)[real], 1e-5, f"{what} frozen output")
+            assert_close(x.grad[real], case.local(batch, dx)[real], 1e-5, f"{what} frozen dx")
+            layer = case.layers(mesh, torch.float32)[0]
+            x = case.local(batch, case.xs).float()
+            layer(x, batch, name, recompute).backward(case.local(batch, case.dys).float())
+            layer.reduce_replicated_grads()
+            expected = case.expected_shards(grads[0], mesh.sp, mesh.sp_rank)
+            for key, got in layer.shard_tensors(grads=True).items():
+                assert_close(got, expected[key], 1e-5, f"{what} no-grad input, grad {key}")
+
+
+@pytest.mark.parametrize("P", [1, 2, 4])
+def test_frozen_weights_and_inputs_without_grad(P: int) -> None:
+    run_distributed(P, frozen_case)

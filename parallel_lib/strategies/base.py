@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ..attention import accumulator_dtype
 from ..groups import CommGroup
 from ..shape import AttentionWeights, LayerShape, MlpWeights
 
@@ -33,8 +34,8 @@ class CommVolume:
 
 
 def acc_bytes(dtype: torch.dtype) -> int:
-    """Element size of gradient accumulators that travel the ring (float32, float64 for float64)."""
-    return 8 if dtype == torch.float64 else 4
+    """Element size of the K/V gradient sums that travel the ring (`accumulator_dtype`)."""
+    return accumulator_dtype(dtype).itemsize
 
 
 class Strategy(ABC):

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from ..attention import varlen_attention
 from ..groups import CommGroup
 from ..layout import ZigzagLayout
 from ..ops import apply_rotary, split_qkv
@@ -20,10 +21,11 @@ def attend_gathered(
     P: int,
     members: Sequence[int],
     blocks: int,
-    ring_group: CommGroup,
+    ring_group: CommGroup | None,
     backend: str,
 ) -> Tensor:
-    """Attention of local heads over the tokens of `members`, spread zigzag over `ring_group`.
+    """Attention of local heads over the tokens of `members`, spread zigzag over `ring_group`
+    (None: the members' tokens are whole sequences, no ring).
 
     y (N, blocks * qkv_rows) is the fused projection of the members' tokens (concatenated in
     member order) for `blocks` rank shards of heads. Returns o (N, blocks*heads/P*d), same order.
@@ -34,8 +36,11 @@ def attend_gathered(
     k = apply_rotary(k, positions, shape.rope_theta)
     if len(members) > 1:  # sort by natural index: natural order, or the outer ring's zigzag
         q, k, v = (t.index_select(0, to_sorted) for t in (q, k, v))
-    bounds = [b // ring_group.size for b in layout.bounds]
-    o = ring_attention(q, k, v, bounds, ring_group, backend=backend)
+    if ring_group is None:
+        o = varlen_attention(q, k, v, layout.bounds, backend=backend)
+    else:
+        bounds = [b // ring_group.size for b in layout.bounds]
+        o = ring_attention(q, k, v, bounds, ring_group, backend=backend)
     if len(members) > 1:
         o = o.index_select(0, from_sorted)
     return o.flatten(1)

@@ -28,7 +28,7 @@ class LocalStrategy(Strategy):
 
     def attention(self, x, weights, batch, group, *, recomputed=False):
         y = x @ weights.qkv.t()  # (T, H) -> (T, qkv_rows)
-        o = attend_gathered(y, batch.layout, weights.shape, 1, [0], 1, group, self.attn_backend)
+        o = attend_gathered(y, batch.layout, weights.shape, 1, [0], 1, None, self.attn_backend)
         return o @ weights.out  # (T, heads*d) -> (T, H)
 
     def mlp(self, x, weights, group, *, recomputed=False):

@@ -11,9 +11,10 @@ from .base import CommVolume, Strategy, acc_bytes
 
 
 class MemoryEfficientTP(Strategy):
-    """Weight shards stream round the ring one at a time (outer loop); each rank projects its own
-    T/P tokens with whichever shard it holds, and attention runs as ring attention once per head
-    group (inner loop), so only one group's K/V chunk is ever in flight.
+    """Weight shards stream round the ring one at a time: each rank projects its own T/P tokens
+    with whichever shard it holds (`streamed_linear`), so no rank holds a whole weight. Attention
+    then runs as ring attention once per head group of heads/P heads, so no rank holds a whole
+    sequence and only one head group's K/V chunk is in flight.
 
     Communication per layer and rank (all point-to-point), with Tl = T/P, b bytes per element,
     S the rank's weight shard elements (attention (heads+2·kv_heads)·d·H/P + heads·d·H/P, MLP
@@ -56,7 +57,7 @@ class MemoryEfficientTP(Strategy):
         vol = CommVolume()
         if P == 1:
             return vol
-        b = torch.empty((), dtype=dtype).element_size()
+        b = dtype.itemsize
         attn_shard, mlp_shard = shape.shard_numels(P)
         shard = attn_shard + mlp_shard
         kv = 2 * (tokens // P) * shape.kv_heads * shape.head_dim

@@ -50,7 +50,7 @@ class Zero3Strategy(Strategy):
 
     def comm_volume(self, shape, tokens, P, dtype: torch.dtype, recompute="none") -> CommVolume:
         vol = CommVolume()
-        b = torch.empty((), dtype=dtype).element_size()
+        b = dtype.itemsize
         u = self.inner_degree(P)
         c, tl, d = P // u, tokens // P, shape.head_dim
         weights = (P - 1) * sum(shape.shard_numels(P)) * b
