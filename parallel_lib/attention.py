@@ -58,10 +58,6 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _lse_dtype(q: Tensor) -> torch.dtype:
-    return accumulator_dtype(q.dtype)
-
-
 def _as_bhsd(t: Tensor) -> Tensor:
     return t.unsqueeze(0).transpose(1, 2)  # (S, h, d) -> (1, h, S, d) view
 
@@ -72,7 +68,7 @@ def _as_bhsd(t: Tensor) -> Tensor:
 def _ref_scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
-    s = torch.einsum("qhd,khd->hqk", q, k).to(_lse_dtype(q)) * scale
+    s = torch.einsum("qhd,khd->hqk", q, k).to(accumulator_dtype(q.dtype)) * scale
     if causal:
         mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
         s = s.masked_fill(mask, float("-inf"))
@@ -91,7 +87,7 @@ def _ref_forward(q, k, v, causal, scale):
 
 def _ref_backward(dout, q, k, v, out, lse, causal, scale):
     group = q.shape[1] // k.shape[1]
-    wide = _lse_dtype(q)
+    wide = accumulator_dtype(q.dtype)
     s = _ref_scores(q, k, causal, scale)
     p = torch.exp(s - lse[..., None].to(wide))  # (h, Sq, Sk)
     do, o = dout.to(wide), out.to(wide)
@@ -191,7 +187,7 @@ def attention_forward(
         return _cuda_forward(q, k, v, cu_q, cu_k, causal, scale)
     kernel = _cpu_forward if backend == "cpu_flash" else _ref_forward
     out = q.new_zeros(q.shape)
-    lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=_lse_dtype(q))
+    lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=accumulator_dtype(q.dtype))
     for q0, q1, k0, k1 in _segments(cu_q, cu_k, causal):
         o, m = kernel(q[q0:q1], k[k0:k1], v[k0:k1], causal, scale)
         out[q0:q1] = o
