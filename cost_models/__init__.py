@@ -1,6 +1,47 @@
 """Hybrid time and memory cost models (DESIGN 6): analytic counts with profiled coefficients.
 
-Pure Python; imports nothing of this project's and no torch.distributed (its profiler module,
-when it exists, may import torch and parallel_lib)."""
+Pure Python: imports nothing of this project's and no torch. The two measuring entry points,
+`python -m cost_models.profile` and `python -m cost_models.validate`, import torch, parallel_lib
+and paradyse when they run; nothing here imports them.
+"""
 
-__all__: list[str] = []
+from .counts import (
+    RECOMPUTE_MODES,
+    STRATEGIES,
+    LayerCounts,
+    attention_flops,
+    comm_bytes,
+    layer_counts,
+    layer_flops,
+)
+from .hardware import PRESETS, Hardware, Link, detect, get_preset
+from .memory import LayerMemory, layer_memory
+from .model import Cost, CostModel, StepCost
+from .profile_data import Profile, ProfileError
+from .static import StaticMemory, layer_parameters, logits_bytes, static_memory
+
+__all__ = [
+    "PRESETS",
+    "RECOMPUTE_MODES",
+    "STRATEGIES",
+    "Cost",
+    "CostModel",
+    "Hardware",
+    "LayerCounts",
+    "LayerMemory",
+    "Link",
+    "Profile",
+    "ProfileError",
+    "StaticMemory",
+    "StepCost",
+    "attention_flops",
+    "comm_bytes",
+    "detect",
+    "get_preset",
+    "layer_counts",
+    "layer_flops",
+    "layer_memory",
+    "layer_parameters",
+    "logits_bytes",
+    "static_memory",
+]

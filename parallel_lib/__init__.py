@@ -18,7 +18,7 @@ from .ops import apply_rotary, split_qkv, swiglu
 from .ring import RingExchange
 from .ring_attention import ring_attention
 from .shape import AttentionWeights, LayerShape, MlpWeights
-from .strategies import RECOMPUTE_MODES, STRATEGY_NAMES, CommVolume, Strategy, get_strategy
+from .strategies import RECOMPUTE_MODES, STRATEGY_NAMES, Strategy, get_strategy
 from .streaming import streamed_linear
 from .zero import gather_weight, zero_linear
 
@@ -26,7 +26,6 @@ __all__ = [
     "AttentionWeights",
     "CommCounter",
     "CommGroup",
-    "CommVolume",
     "LayerShape",
     "MlpWeights",
     "RECOMPUTE_MODES",

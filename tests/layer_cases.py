@@ -13,7 +13,7 @@ from paradyse import (
     init_full_weights,
     shard_full_weights,
 )
-from parallel_lib import LayerShape
+from parallel_lib import STRATEGY_NAMES, LayerShape, get_strategy
 
 SHAPE = LayerShape(hidden=64, heads=8, kv_heads=4, head_dim=16, ffn_hidden=128)
 
@@ -90,3 +90,21 @@ def assert_close(actual: Tensor, expected: Tensor, rel: float, what: str) -> Non
         atol=rel * float(scale),
         msg=lambda m: f"{what}: {m}",
     )
+
+
+def rel_error(got: float, want: float) -> float:
+    return abs(got - want) / max(abs(want), 1e-300)
+
+
+def supported(P: int, shape: LayerShape = SHAPE) -> list[str]:
+    """Strategies the library runs on a group of P for `shape`."""
+    return [n for n in STRATEGY_NAMES if get_strategy(n).supports(shape, P)[0]]
+
+
+def problem(mesh, lens: list[int], dtype: torch.dtype = torch.float32):
+    """This rank's packed batch of random tokens, a random input requiring grad and an output
+    gradient, all in the batch's layout."""
+    tokens = [torch.randint(0, 256, (n,)).tolist() for n in lens]
+    batch = PackedBatch.pack(tokens, mesh.sp, mesh.sp_rank)
+    x = torch.randn(batch.local_tokens, SHAPE.hidden, dtype=dtype, requires_grad=True)
+    return batch, x, torch.randn(batch.local_tokens, SHAPE.hidden, dtype=dtype)

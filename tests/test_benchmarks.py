@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from benchmarks.strategies import format_table, headline, measure
-from parallel_lib import get_strategy
+from cost_models.counts import comm_bytes
 
 from .harness import run_distributed
 from .layer_cases import SHAPE, mesh_for
@@ -16,8 +14,8 @@ def benchmark_case() -> list:
     names = ["tp_sp", "ulysses", "ring", "metp"]
     rows = measure(mesh, SHAPE, names, [16, 64], repeats=1)
     for row in rows:
-        volume = get_strategy(row.strategy).comm_volume(SHAPE, row.tokens, mesh.sp, torch.float32)
-        expected = sum(volume.forward.values()) + sum(volume.backward.values())
+        forward, backward, _, _ = comm_bytes(SHAPE, row.strategy, row.tokens, mesh.sp)
+        expected = sum(forward.values()) + sum(backward.values())
         assert row.bytes_sent == expected, (row, expected)
         assert row.seconds > 0 and row.peak_bytes > 0
     return rows

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cost_models.counts import comm_bytes
 from parallel_lib import RECOMPUTE_MODES, STRATEGY_NAMES, count_bytes, get_strategy
 
 from .harness import run_distributed
@@ -56,15 +57,16 @@ def strategy_case(name: str, dtype_name: str) -> None:
     mesh = mesh_for()
     case = Case(uneven_lengths(mesh.sp), seed=mesh.sp)
     ref = case.reference()
-    strategy = get_strategy(name)
     baseline = None
     for recompute in RECOMPUTE_MODES:
         batch, x, y, layers, (fwd, bwd) = _run(case, mesh, [name], recompute, dtype)
         what = f"{name} P={mesh.sp} {dtype_name} recompute={recompute}"
         _check_against_reference(case, batch, x, y, layers, ref, rel, what)
-        volume = strategy.comm_volume(SHAPE, batch.total_tokens, mesh.sp, dtype, recompute)
-        assert fwd == volume.forward, f"{what}: forward bytes {fwd} != formula {volume.forward}"
-        assert bwd == volume.backward, f"{what}: backward bytes {bwd} != formula {volume.backward}"
+        want_fwd, want_bwd, _, _ = comm_bytes(
+            SHAPE, name, batch.total_tokens, mesh.sp, dtype, recompute
+        )
+        assert fwd == want_fwd, f"{what}: forward bytes {fwd} != formula {want_fwd}"
+        assert bwd == want_bwd, f"{what}: backward bytes {bwd} != formula {want_bwd}"
         grads = [x.grad, *layers[0].shard_tensors(grads=True).values()]
         if baseline is None:
             baseline = grads

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import RECOMPUTE_MODES, CommVolume, Strategy
+from .base import RECOMPUTE_MODES, Strategy
 from .local import LocalStrategy
 from .metp import MemoryEfficientTP
 from .ring import RingAttention
@@ -13,7 +13,6 @@ from .usp import UnifiedSequenceParallel
 __all__ = [
     "STRATEGY_NAMES",
     "RECOMPUTE_MODES",
-    "CommVolume",
     "Strategy",
     "get_strategy",
 ]

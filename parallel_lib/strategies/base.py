@@ -3,39 +3,18 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
-from ..attention import accumulator_dtype
 from ..groups import CommGroup
 from ..shape import AttentionWeights, LayerShape, MlpWeights
 
-__all__ = ["Strategy", "CommVolume", "RECOMPUTE_MODES"]
+__all__ = ["Strategy", "RECOMPUTE_MODES"]
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 """none: keep all activations; selective: recompute the MLP half of the layer (norm, gate/up,
 SwiGLU, down) in backward; full: recompute the whole layer from its input."""
-
-
-@dataclass
-class CommVolume:
-    """Bytes one rank sends for one layer, by collective kind (convention: CommCounter)."""
-
-    forward: dict[str, int] = field(default_factory=dict)
-    backward: dict[str, int] = field(default_factory=dict)
-
-    def add(self, phase: str, kind: str, nbytes: int) -> None:
-        table = getattr(self, phase)
-        if nbytes:
-            table[kind] = table.get(kind, 0) + nbytes
-
-
-def acc_bytes(dtype: torch.dtype) -> int:
-    """Element size of the K/V gradient sums that travel the ring (`accumulator_dtype`)."""
-    return accumulator_dtype(dtype).itemsize
 
 
 class Strategy(ABC):
@@ -86,15 +65,6 @@ class Strategy(ABC):
         self, x: Tensor, weights: MlpWeights, group: CommGroup, *, recomputed: bool = False
     ) -> Tensor:
         """SwiGLU MLP of the normalised local tokens."""
-
-    @abstractmethod
-    def comm_volume(
-        self, shape: LayerShape, tokens: int, P: int, dtype: torch.dtype, recompute: str = "none"
-    ) -> CommVolume:
-        """Bytes sent per rank for one layer's forward and backward (the docstring's formula).
-
-        `tokens` is T, the padded token count of the micro-batch over the whole group; weights
-        are trainable; norm-weight gradient reduction (once per step, by the engine) excluded."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

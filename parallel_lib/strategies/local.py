@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..ops import swiglu
 from ..shape import LayerShape
-from .base import CommVolume, Strategy
+from .base import Strategy
 from .common import attend_gathered
 
 
@@ -33,6 +31,3 @@ class LocalStrategy(Strategy):
 
     def mlp(self, x, weights, group, *, recomputed=False):
         return swiglu(x @ weights.gate_up.t(), 1) @ weights.down
-
-    def comm_volume(self, shape, tokens, P, dtype: torch.dtype, recompute="none") -> CommVolume:
-        return CommVolume()

@@ -7,7 +7,7 @@ import torch
 from ..ops import apply_rotary, split_qkv, swiglu
 from ..ring_attention import ring_attention
 from ..streaming import streamed_linear
-from .base import CommVolume, Strategy, acc_bytes
+from .base import Strategy
 
 
 class MemoryEfficientTP(Strategy):
@@ -52,20 +52,3 @@ class MemoryEfficientTP(Strategy):
         P = group.size
         y = streamed_linear(x, weights.gate_up, group, input_major=False)  # (T/P, 2F)
         return streamed_linear(swiglu(y, P), weights.down, group, input_major=True)
-
-    def comm_volume(self, shape, tokens, P, dtype: torch.dtype, recompute="none") -> CommVolume:
-        vol = CommVolume()
-        if P == 1:
-            return vol
-        b = dtype.itemsize
-        attn_shard, mlp_shard = shape.shard_numels(P)
-        shard = attn_shard + mlp_shard
-        kv = 2 * (tokens // P) * shape.kv_heads * shape.head_dim
-        forward = (P - 1) * shard * b + (P - 1) * kv * b
-        vol.add("forward", "p2p", forward)
-        vol.add("backward", "p2p", forward + P * shard * b + P * kv * acc_bytes(dtype))
-        if recompute == "selective":
-            vol.add("backward", "p2p", (P - 1) * mlp_shard * b)
-        elif recompute == "full":
-            vol.add("backward", "p2p", forward)
-        return vol

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..comm import reduce_scatter_tokens
 from ..ops import swiglu
 from ..sequence_parallel import gather_tokens_linear
-from .base import CommVolume, Strategy
+from .base import Strategy
 from .common import attend_gathered
 
 
@@ -41,14 +39,3 @@ class TensorSequenceParallel(Strategy):
         y = gather_tokens_linear(x, weights.gate_up, group, keep_gathered=recomputed)
         h = swiglu(y, 1)  # (T, 2F/P) -> (T, F/P)
         return reduce_scatter_tokens(h @ weights.down, group)  # (T, H) partial -> (T/P, H)
-
-    def comm_volume(self, shape, tokens, P, dtype: torch.dtype, recompute="none") -> CommVolume:
-        vol = CommVolume()
-        v = (P - 1) * (tokens // P) * shape.hidden * dtype.itemsize
-        vol.add("forward", "all_gather", 2 * v)
-        vol.add("forward", "reduce_scatter", 2 * v)
-        vol.add("backward", "all_gather", 4 * v)
-        vol.add("backward", "reduce_scatter", 2 * v)
-        if recompute == "full":
-            vol.add("backward", "reduce_scatter", v)
-        return vol

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
-import torch
-
 from ..comm import all_to_all
 from ..groups import CommGroup
 from ..ops import swiglu
 from ..zero import zero_linear
-from .base import CommVolume, Strategy, acc_bytes
+from .base import Strategy
 from .common import attend_gathered
 
 
@@ -47,28 +45,6 @@ class Zero3Strategy(Strategy):
         y = zero_linear(x, weights.gate_up, group, input_major=False, keep_gathered=recomputed)
         h = swiglu(y, P)  # (T/P, 2F) -> (T/P, F), rank-major columns
         return zero_linear(h, weights.down, group, input_major=True, keep_gathered=recomputed)
-
-    def comm_volume(self, shape, tokens, P, dtype: torch.dtype, recompute="none") -> CommVolume:
-        vol = CommVolume()
-        b = dtype.itemsize
-        u = self.inner_degree(P)
-        c, tl, d = P // u, tokens // P, shape.head_dim
-        weights = (P - 1) * sum(shape.shard_numels(P)) * b
-        a2a = (u - 1) * tl * (2 * shape.heads + 2 * shape.kv_heads) * d * b // u
-        kv = 2 * tl * shape.kv_heads * d  # elements of one K/V ring message
-        ring_fwd = (c - 1) * kv * b
-        ring_bwd = ring_fwd + (c * kv * acc_bytes(dtype) if c > 1 else 0)
-        vol.add("forward", "all_gather", weights)
-        vol.add("forward", "all_to_all", a2a)
-        vol.add("forward", "p2p", ring_fwd)
-        vol.add("backward", "all_gather", weights)
-        vol.add("backward", "reduce_scatter", weights)
-        vol.add("backward", "all_to_all", a2a)
-        vol.add("backward", "p2p", ring_bwd)
-        if recompute == "full":
-            vol.add("backward", "all_to_all", a2a)
-            vol.add("backward", "p2p", ring_fwd)
-        return vol
 
 
 _VOLUME_DOC = """

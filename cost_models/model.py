@@ -1,0 +1,181 @@
+"""`CostModel`: analytic counts x profiled (or datasheet) rates -> time and memory (DESIGN 6)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .counts import Kernel, factorisation, layer_counts
+from .hardware import Hardware
+from .memory import layer_memory
+from .profile_data import LinkFit, Profile
+
+__all__ = ["Cost", "StepCost", "CostModel", "DATASHEET_EFFICIENCY"]
+
+DATASHEET_EFFICIENCY = {"matmul": 0.7, "attention_forward": 0.5, "attention_backward": 0.4}
+"""Fractions of the datasheet peak assumed without a profile (typical of large GEMMs and of
+flash attention on A100/H100); a profile replaces them with measured rates."""
+
+_OVERLAPPED = ("ring", "usp", "metp")  # strategies whose p2p runs under compute
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Predicted cost of one layer on one rank for one micro-batch."""
+
+    forward_s: float
+    backward_s: float
+    """Backward including the recomputation."""
+    compute_s: float
+    comm_s: float
+    """Communication time before overlap."""
+    saved_bytes: int
+    transient_bytes: int
+    forward_peak_bytes: int
+    backward_peak_bytes: int
+    comm_bytes: int
+    """Bytes this rank sends, forward and backward."""
+    flops: float
+
+    @property
+    def time_s(self) -> float:
+        return self.forward_s + self.backward_s
+
+
+@dataclass(frozen=True)
+class StepCost:
+    time_s: float
+    peak_bytes: int
+
+
+class CostModel:
+    """Predicts layer and step costs. With a profile the rates are the measured ones (the
+    machine, backend and dtype it was made on); without one they come from `hardware`'s
+    datasheet numbers x `DATASHEET_EFFICIENCY`, for what-if questions about machines you do not
+    have."""
+
+    def __init__(self, hardware: Hardware, profile: Profile | None = None) -> None:
+        self.hardware, self.profile = hardware, profile
+
+    # ------------------------------------------------------------------ rates
+    def _kernel_seconds(self, k: Kernel, direction: str, dtype) -> float:
+        if self.profile is not None:
+            if k.kind == "matmul":
+                curve = self.profile.matmul
+            else:
+                curve = self.profile.attention(direction, causal=k.shape[3])
+            return k.count * curve(k.flops)
+        name = "matmul" if k.kind == "matmul" else f"attention_{direction}"
+        rate = self.hardware.flops(dtype) * DATASHEET_EFFICIENCY[name]
+        return k.count * k.flops / rate
+
+    def _elementwise_seconds(self, nbytes: float) -> float:
+        if self.profile is not None:
+            return self.profile.elementwise(nbytes, calls=0)
+        return nbytes / self.hardware.memory_bandwidth
+
+    def _link(self, kind: str, group_size: int, nodes_spanned: int) -> LinkFit:
+        if self.profile is not None:
+            return self.profile.collective(kind, group_size)
+        link = self.hardware.link(group_size, nodes_spanned)
+        hops = 1 if kind == "p2p" else group_size - 1  # ring algorithms: P-1 latency steps
+        return LinkFit(alpha=hops * link.latency, beta=link.bandwidth)
+
+    def _group_sizes(self, strategy: str, P: int, inner: int | None) -> dict[str, int]:
+        if strategy == "metp":
+            return {"p2p": P}
+        u, c = factorisation(strategy, P, inner)
+        return {"all_gather": P, "reduce_scatter": P, "all_to_all": u, "p2p": c}
+
+    def _comm_seconds(self, volume: dict, messages: dict, sizes: dict, nodes: int) -> dict:
+        return {
+            kind: self._link(kind, sizes.get(kind, 1), nodes)(nbytes, messages.get(kind, 0))
+            for kind, nbytes in volume.items()
+        }
+
+    def _scales(self, strategy: str) -> tuple[float, float]:
+        """(forward, backward) calibration scales; 1 without a profile."""
+        if self.profile is None:
+            return 1.0, 1.0
+        return self.profile.calibration.get(strategy, (1.0, 1.0))
+
+    # ------------------------------------------------------------------ layer
+    def layer_cost(
+        self,
+        shape,
+        strategy: str,
+        recompute: str,
+        seq_lens: Sequence[int],
+        P: int,
+        *,
+        dtype="float32",
+        inner: int | None = None,
+        nodes_spanned: int = 1,
+    ) -> Cost:
+        """One layer's forward and backward on one rank of a group of P for a micro-batch of
+        `seq_lens` (unpadded lengths)."""
+        counts = layer_counts(
+            shape, strategy, seq_lens, P, dtype=dtype, recompute=recompute, inner=inner
+        )
+        rs_copy = (
+            self.profile.reduce_scatter_copy
+            if self.profile is not None
+            else self.hardware.name.startswith("cpu")
+        )
+        memory = layer_memory(
+            shape, strategy, seq_lens, P, dtype=dtype, recompute=recompute, inner=inner,
+            reduce_scatter_copy=rs_copy,
+        )  # fmt: skip
+        sizes = self._group_sizes(strategy, P, inner)
+        scales = self._scales(strategy)
+        phases, compute_total, comm_total = [], 0.0, 0.0
+        for direction, kernels, elementwise, volume, messages, scale in (
+            ("forward", counts.kernels_forward, counts.elementwise_forward,
+             counts.bytes_forward, counts.messages_forward, scales[0]),
+            ("backward", counts.kernels_backward, counts.elementwise_backward,
+             counts.bytes_backward, counts.messages_backward, scales[1]),
+        ):  # fmt: skip
+            priced = [(k, direction) for k in kernels]
+            if direction == "backward":  # recomputation runs forward kernels
+                priced += [(k, "forward") for k in counts.kernels_recomputed]
+            attention = sum(
+                self._kernel_seconds(k, d, dtype) for k, d in priced if k.kind == "attention"
+            )
+            matmul = sum(self._kernel_seconds(k, d, dtype) for k, d in priced if k.kind == "matmul")
+            other = self._elementwise_seconds(elementwise)
+            comm = self._comm_seconds(volume, messages, sizes, nodes_spanned)
+            p2p = comm.pop("p2p", 0.0)
+            blocking = sum(comm.values())
+            overlap = self.profile.overlap if self.profile is not None else 1.0
+            if strategy == "metp":  # shards and K/V travel while the blocks compute
+                hidden = overlap * min(matmul + attention, p2p)
+            elif strategy in _OVERLAPPED:  # K/V travel while attention computes
+                hidden = overlap * min(attention, p2p)
+            else:
+                hidden = 0.0
+            time = matmul + attention + p2p - hidden + other + blocking
+            phases.append(scale * time)
+            compute_total += matmul + attention + other
+            comm_total += blocking + p2p
+        return Cost(
+            forward_s=phases[0],
+            backward_s=phases[1],
+            compute_s=compute_total,
+            comm_s=comm_total,
+            saved_bytes=memory.saved,
+            transient_bytes=memory.transient,
+            forward_peak_bytes=memory.forward_peak,
+            backward_peak_bytes=memory.backward_peak,
+            comm_bytes=sum(counts.bytes_forward.values()) + sum(counts.bytes_backward.values()),
+            flops=counts.flops,
+        )
+
+    # ------------------------------------------------------------------ model
+    @staticmethod
+    def step(layers: Sequence[Cost], static_bytes: int = 0, extra_s: float = 0.0) -> StepCost:
+        """A micro-batch through a stack of layers: times add; memory is the static bytes, every
+        layer's saved bytes and the largest transient (DESIGN 7's constraint)."""
+        time = sum(c.time_s for c in layers) + extra_s
+        peak = static_bytes + sum(c.saved_bytes for c in layers)
+        peak += max((c.transient_bytes for c in layers), default=0)
+        return StepCost(time_s=time, peak_bytes=int(peak))

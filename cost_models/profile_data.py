@@ -1,0 +1,229 @@
+"""The measured coefficients of the cost model: a versioned JSON profile and its fitted curves.
+
+Written by `python -m cost_models.profile`, read by `CostModel`. Pure Python.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Profile", "ProfileError", "Curve", "LinkFit", "SCHEMA", "VERSION"]
+
+SCHEMA = "paradyse.cost_profile"
+VERSION = 1
+KINDS = ("all_gather", "reduce_scatter", "all_to_all", "all_reduce", "p2p")
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message is one line saying what to do."""
+
+
+class Curve:
+    """Seconds of one call as a function of its FLOPs (or bytes), from measured points:
+    piecewise linear in log-log between points, a constant rate beyond the largest and a
+    constant time (the call's fixed cost) below the smallest."""
+
+    def __init__(self, points: Sequence[Sequence[float]]) -> None:
+        merged: dict[float, list[float]] = {}
+        for x, t in points:
+            if x > 0 and t > 0:
+                merged.setdefault(float(x), []).append(math.log(t))
+        pts = sorted((x, math.exp(sum(ts) / len(ts))) for x, ts in merged.items())
+        if len(pts) < 2:
+            raise ProfileError("a curve needs at least two positive points")
+        self.points = pts
+        self._logx = [math.log(x) for x, _ in pts]
+        self._logt = [math.log(t) for _, t in pts]
+
+    def __call__(self, x: float) -> float:
+        if x <= 0:
+            return 0.0
+        (x0, t0), (x1, t1) = self.points[0], self.points[-1]
+        if x <= x0:
+            return t0
+        if x >= x1:
+            return t1 * x / x1
+        lx = math.log(x)
+        j = bisect.bisect_right(self._logx, lx)
+        f = (lx - self._logx[j - 1]) / (self._logx[j] - self._logx[j - 1])
+        return math.exp(self._logt[j - 1] + f * (self._logt[j] - self._logt[j - 1]))
+
+    def to_list(self) -> list[list[float]]:
+        return [[x, t] for x, t in self.points]
+
+
+@dataclass(frozen=True)
+class LinkFit:
+    """time = alpha + bytes / beta for one collective kind on one group size."""
+
+    alpha: float
+    """Seconds per call."""
+    beta: float
+    """Bytes per second (bytes this rank sends)."""
+
+    def __call__(self, nbytes: float, calls: int = 1) -> float:
+        return calls * self.alpha + nbytes / self.beta
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[float, float]]) -> LinkFit:
+        """Least squares of time on bytes, weighted by 1/time^2 (relative errors count, so the
+        small messages fix alpha and the large ones beta); alpha >= 0, beta > 0."""
+        w = [1.0 / t**2 for _, t in samples]
+        sw = sum(w)
+        mx = sum(wi * b for wi, (b, _) in zip(w, samples, strict=True)) / sw
+        mt = sum(wi * t for wi, (_, t) in zip(w, samples, strict=True)) / sw
+        sxx = sum(wi * (b - mx) ** 2 for wi, (b, _) in zip(w, samples, strict=True))
+        sxt = sum(wi * (b - mx) * (t - mt) for wi, (b, t) in zip(w, samples, strict=True))
+        slope = sxt / sxx if sxx else 0.0
+        if slope <= 0:  # flat or noisy: all latency
+            return cls(alpha=mt, beta=1e30)
+        alpha = mt - slope * mx
+        if alpha < 0:  # refit through the origin
+            alpha = 0.0
+            slope = sum(wi * b * t for wi, (b, t) in zip(w, samples, strict=True)) / sum(
+                wi * b * b for wi, (b, _) in zip(w, samples, strict=True)
+            )
+        return cls(alpha=alpha, beta=1.0 / slope)
+
+
+def _listed(curve: Curve | None) -> list | None:
+    return None if curve is None else curve.to_list()
+
+
+def _curve(points) -> Curve | None:
+    return None if points is None else Curve(points)
+
+
+@dataclass
+class Profile:
+    """Coefficients measured on one machine, backend and dtype."""
+
+    machine: dict
+    """What was measured: device, backend, world size, dtype, threads, torch version."""
+    matmul: Curve
+    attention_forward: Curve
+    attention_backward: Curve
+    elementwise: LinkFit
+    """Memory-bound ops: seconds for bytes read and written."""
+    collectives: dict[str, dict[int, LinkFit]]
+    """kind -> group size -> fit."""
+    calibration: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """strategy -> (forward scale, backward scale): a layer's time is scale x the analytic
+    time, fitted on real layer steps (see cost_models.profile)."""
+    reduce_scatter_copy: bool = False
+    """The backend copies a reduce-scatter's input (gloo)."""
+    calibration_points: dict[str, list] = field(default_factory=dict)
+    """The layer steps the calibration was fitted on, for inspection: 'strategy/recompute' ->
+    [[tokens, measured forward s, measured backward s, analytic forward s, analytic backward
+    s], ...]."""
+    attention_forward_full: Curve | None = None
+    """Attention blocks without a causal mask (ring steps off the diagonal); None: the causal
+    curves serve."""
+    attention_backward_full: Curve | None = None
+    overlap: float = 1.0
+    """Fraction of the shorter of compute and point-to-point traffic hidden under the other when
+    both are in flight (1 on GPUs with copy engines; less where communication takes CPU)."""
+
+    def attention(self, direction: str, causal: bool) -> Curve:
+        full = getattr(self, f"attention_{direction}_full")
+        return getattr(self, f"attention_{direction}") if causal or full is None else full
+
+    def collective(self, kind: str, group_size: int) -> LinkFit:
+        """The fit for `kind` on a group of `group_size`; the nearest profiled size otherwise."""
+        table = self.collectives.get(kind) or self.collectives.get("all_gather")
+        if not table:
+            raise ProfileError(f"the profile has no {kind} measurements; profile again")
+        if group_size in table:
+            return table[group_size]
+        nearest = min(table, key=lambda p: (abs(math.log(p / group_size)), -p))
+        return table[nearest]
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "version": VERSION,
+            "machine": self.machine,
+            "matmul": self.matmul.to_list(),
+            "attention_forward": self.attention_forward.to_list(),
+            "attention_backward": self.attention_backward.to_list(),
+            "elementwise": {"alpha": self.elementwise.alpha, "beta": self.elementwise.beta},
+            "collectives": {
+                kind: {str(p): {"alpha": f.alpha, "beta": f.beta} for p, f in fits.items()}
+                for kind, fits in self.collectives.items()
+            },
+            "calibration": {k: list(v) for k, v in self.calibration.items()},
+            "calibration_points": self.calibration_points,
+            "reduce_scatter_copy": self.reduce_scatter_copy,
+            "attention_forward_full": _listed(self.attention_forward_full),
+            "attention_backward_full": _listed(self.attention_backward_full),
+            "overlap": self.overlap,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "profile") -> Profile:
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise ProfileError(f"{source} is not a ParaDySe cost profile (no schema {SCHEMA!r})")
+        if data.get("version") != VERSION:
+            raise ProfileError(
+                f"{source} has schema version {data.get('version')!r}, this ParaDySe reads "
+                f"version {VERSION}; run python -m cost_models.profile again"
+            )
+        try:
+            collectives = {
+                kind: {int(p): LinkFit(float(f["alpha"]), float(f["beta"])) for p, f in t.items()}
+                for kind, t in data["collectives"].items()
+            }
+            return cls(
+                machine=dict(data["machine"]),
+                matmul=Curve(data["matmul"]),
+                attention_forward=Curve(data["attention_forward"]),
+                attention_backward=Curve(data["attention_backward"]),
+                elementwise=LinkFit(
+                    float(data["elementwise"]["alpha"]), float(data["elementwise"]["beta"])
+                ),
+                collectives=collectives,
+                calibration={k: (float(v[0]), float(v[1])) for k, v in data["calibration"].items()},
+                reduce_scatter_copy=bool(data["reduce_scatter_copy"]),
+                calibration_points=dict(data.get("calibration_points", {})),
+                attention_forward_full=_curve(data.get("attention_forward_full")),
+                attention_backward_full=_curve(data.get("attention_backward_full")),
+                overlap=float(data.get("overlap", 1.0)),
+            )
+        except ProfileError as e:
+            raise ProfileError(
+                f"{source} is corrupt: {e}; run python -m cost_models.profile"
+            ) from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise ProfileError(
+                f"{source} is corrupt ({type(e).__name__}: {e}); "
+                "run python -m cost_models.profile again"
+            ) from None
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (a temporary file renamed over the target)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ProfileError(f"cannot read profile {path}: {e.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProfileError(
+                f"{path} is corrupt (not JSON: {e.msg} at line {e.lineno}); "
+                "run python -m cost_models.profile again"
+            ) from None
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,122 @@
+"""`cost_models.memory` against torch's MemTracker on the real switchable layer (bytes saved for
+backward and the step's peak, per strategy, recompute mode and batch), and its pure invariants."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import time
+
+import pytest
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from cost_models.counts import RECOMPUTE_MODES, STRATEGIES, pad_length
+from cost_models.memory import layer_memory
+from paradyse import SwitchableDecoderLayer
+
+from .harness import run_distributed
+from .layer_cases import SHAPE, mesh_for, problem, rel_error, supported, uneven_lengths
+
+SAVED_TOLERANCE, PEAK_TOLERANCE = 0.05, 0.15
+LENGTHS = {"short": uneven_lengths(4), "300": [3, 130, 170], "1500": [700, 500, 250, 50]}
+CASES = [(4, n, k) for n in supported(4) for k in LENGTHS] + [(2, n, "short") for n in supported(2)]
+
+
+def settle() -> None:
+    gc.collect()
+    time.sleep(0.02)
+
+
+def memory_case(name: str, lens: list[int]) -> list[tuple]:
+    """Per recompute mode: (recompute, measured saved, measured peak) on this rank, float32."""
+    mesh = mesh_for()
+    rows = []
+    for rc in RECOMPUTE_MODES:
+        batch, x, dy = problem(mesh, lens)
+        layer = SwitchableDecoderLayer(SHAPE, mesh.sp_group)
+        layer(x, batch, name, rc).backward(dy)  # warm-up: layout caches, parameter gradients
+        settle()
+        tracker = MemTracker()
+        tracker.track_external(layer, x, dy)
+        with tracker:
+            base = tracker.get_tracker_snapshot("current")[x.device]["Total"]
+            y = layer(x, batch, name, rc)
+            settle()
+            after = tracker.get_tracker_snapshot("current")[x.device]["Total"]
+            item = x.element_size()
+            saved = after - base - y.numel() * item + x.numel() * item
+            y.backward(dy)
+            peak = tracker.get_tracker_snapshot("peak")[x.device]["Total"] - base
+        rows.append((rc, saved, peak))
+    return rows
+
+
+@pytest.mark.parametrize(("P", "name", "key"), CASES, ids=[f"P{P}-{n}-{k}" for P, n, k in CASES])
+def test_saved_and_peak_match_mem_tracker(P: int, name: str, key: str) -> None:
+    lens, off = LENGTHS[key], {"saved": [], "peak": []}
+    for rank, rows in enumerate(run_distributed(P, memory_case, name, lens)):
+        for rc, saved, peak in rows:
+            m = layer_memory(SHAPE, name, lens, P, recompute=rc, reduce_scatter_copy=True)
+            what = f"{name} P={P} rank {rank} lens={key} recompute={rc}"
+            if rel_error(saved, m.saved) > SAVED_TOLERANCE:
+                off["saved"].append(f"{what}: saved {saved} B, model {m.saved} B")
+            model_peak = max(m.forward_peak, m.backward_peak)
+            if rel_error(peak, model_peak) > PEAK_TOLERANCE:
+                off["peak"].append(f"{what}: peak {peak} B, model {model_peak} B")
+    wrong = off["saved"] + off["peak"]
+    assert not wrong, "\n".join(wrong)
+
+
+# ---------------------------------------------------------------- pure invariants
+def valid(P: int) -> list[str]:
+    return (
+        ["local"] if P == 1 else [s for s in STRATEGIES if s != "local" and (s != "usp" or P == 4)]
+    )
+
+
+GRID = [(P, s, dt) for P in (1, 2, 4) for s in valid(P) for dt in ("float32", "bfloat16")]
+BATCHES = [[1], [5, 9], [33, 2, 64], [200, 17]]
+
+
+def memory(P, strategy, lens, dtype="float32", rc="none", **kw):
+    return layer_memory(SHAPE, strategy, lens, P, dtype=dtype, recompute=rc, **kw)
+
+
+@pytest.mark.parametrize(("P", "strategy", "dtype"), GRID)
+def test_recompute_modes_order_saved_bytes(P: int, strategy: str, dtype: str) -> None:
+    item = 4 if dtype == "float32" else 2
+    for lens in BATCHES:
+        T = sum(pad_length(n, P) for n in lens)
+        m = {rc: memory(P, strategy, lens, dtype, rc) for rc in RECOMPUTE_MODES}
+        assert m["full"].saved == T // P * SHAPE.hidden * item
+        assert m["full"].saved < m["selective"].saved < m["none"].saved
+        for rc, mem in m.items():
+            assert mem.transient >= 0, (lens, rc)
+            assert mem.input_bytes == T // P * SHAPE.hidden * item
+
+
+@pytest.mark.parametrize(("P", "strategy", "dtype"), GRID)
+def test_bigger_batch_never_needs_less(P: int, strategy: str, dtype: str) -> None:
+    for rc, lens in itertools.product(RECOMPUTE_MODES, BATCHES):
+        small = memory(P, strategy, lens, dtype, rc)
+        for bigger in ([*lens, 7], [lens[0] + 2 * P, *lens[1:]]):
+            big = memory(P, strategy, bigger, dtype, rc)
+            for field in ("saved", "forward_peak", "backward_peak"):
+                assert getattr(big, field) >= getattr(small, field), (rc, lens, bigger, field)
+
+
+@pytest.mark.parametrize(("P", "strategy", "dtype"), GRID)
+def test_reduce_scatter_copy_never_lowers_the_peak(P: int, strategy: str, dtype: str) -> None:
+    for rc, lens in itertools.product(RECOMPUTE_MODES, BATCHES):
+        plain = memory(P, strategy, lens, dtype, rc)
+        copied = memory(P, strategy, lens, dtype, rc, reduce_scatter_copy=True)
+        assert copied.saved == plain.saved
+        assert copied.forward_peak >= plain.forward_peak, (rc, lens)
+        assert copied.backward_peak >= plain.backward_peak, (rc, lens)
+
+
+def test_unknown_strategy_or_recompute_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="strategy"):
+        memory(2, "zigzag", [8])
+    with pytest.raises(ValueError, match="recompute"):
+        memory(2, "ring", [8], rc="some")
