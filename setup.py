@@ -25,5 +25,5 @@ setup(
     # torch is pinned by constraints.txt in `make setup`; a bare `torch` here would let pip pull a
     # multi-GB CUDA build on machines where the CPU wheel is the one wanted.
     install_requires=["torch>=2.6", "numpy>=1.24"],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={"test": ["pytest>=8", "ruff>=0.6"], "gpu": ["nvidia-ml-py"]},
 )

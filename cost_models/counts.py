@@ -21,6 +21,7 @@ __all__ = [
     "attention_flops",
     "comm_bytes",
     "factorisation",
+    "check_config",
     "itemsize",
     "accumulator_itemsize",
     "dtype_name",
@@ -31,6 +32,9 @@ STRATEGIES = ("local", "tp_sp", "ulysses", "ring", "usp", "metp")
 RECOMPUTE_MODES = ("none", "selective", "full")
 _ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 ZERO3 = ("ulysses", "ring", "usp")
+RECOMPUTED_ELEMENTWISE = {"none": 0.0, "selective": 0.4, "full": 1.0}
+"""Share of the forward's memory-bound traffic a recompute mode runs again in the backward (the
+MLP half holds about 0.4 of it: a norm, SwiGLU, a residual add); the backward's own is ~2x."""
 
 
 def dtype_name(dtype) -> str:
@@ -58,10 +62,11 @@ def pad_length(length: int, P: int) -> int:
 
 
 def factorisation(strategy: str, P: int, inner: int | None = None) -> tuple[int, int]:
-    """(u, c): the all-to-all degree and the ring degree a strategy runs with on P ranks."""
-    if strategy == "ulysses":
+    """(u, c): the all-to-all degree and the ring degree a strategy runs with on P ranks (the
+    same choice as `parallel_lib`'s strategies; usp takes the largest u in [2, P/2])."""
+    if strategy in ("local", "tp_sp", "ulysses"):
         return P, 1
-    if strategy == "ring":
+    if strategy in ("ring", "metp"):
         return 1, P
     if strategy == "usp":
         options = [u for u in range(2, P // 2 + 1) if P % u == 0]
@@ -69,9 +74,25 @@ def factorisation(strategy: str, P: int, inner: int | None = None) -> tuple[int,
         if u < 2 or P % u or P // u < 2:
             raise ValueError(f"usp needs P = inner x outer with both at least 2, got P={P}")
         return u, P // u
-    if strategy == "metp":
-        return 1, P
-    return P, 1
+    raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def check_config(shape, strategy: str, P: int, recompute: str = "none", inner=None) -> None:
+    """Raise ValueError, one line saying what to change, for a configuration the strategy
+    library would refuse (the counts assume every split is exact)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"unknown recompute {recompute!r}; choose from {RECOMPUTE_MODES}")
+    if P < 1:
+        raise ValueError(f"group size must be positive, got P={P}")
+    if strategy == "local" and P != 1:
+        raise ValueError(f"local runs on one rank only, got P={P}")
+    for name, value in (("heads", shape.heads), ("kv_heads", shape.kv_heads),
+                        ("ffn_hidden", shape.ffn_hidden)):  # fmt: skip
+        if value % P:
+            raise ValueError(f"{strategy}: {name} ({value}) is not divisible by P={P}")
+    factorisation(strategy, P, inner)
 
 
 @dataclass(frozen=True)
@@ -254,11 +275,11 @@ def comm_bytes(
         elif recompute == "full":
             _add(bb, "p2p", forward), _add(mb, "p2p", fwd_msgs)
     else:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+        check_config(shape, strategy, P)
     return bf, bb, mf, mb
 
 
-def _elementwise_bytes(shape, strategy: str, P: int, T: int, b: int, inner) -> float:
+def _elementwise_bytes(shape, strategy: str, P: int, T: int, b: int, a: int, inner) -> float:
     """Forward bytes moved by memory-bound ops (a coarse count: each op reads and writes its
     tensors once): two norms, two residual adds, RoPE of Q and K, SwiGLU, layout copies."""
     H, d, F = shape.hidden, shape.head_dim, shape.ffn_hidden
@@ -268,14 +289,15 @@ def _elementwise_bytes(shape, strategy: str, P: int, T: int, b: int, inner) -> f
     total = 2 * 6 * tl * H + 2 * 3 * tl * H  # norms (x^2, mean, scale, weight), adds
     total += 8 * tl * (shape.heads + shape.kv_heads) * d  # RoPE: 2 products and a sum per half
     total += 5 * tl * F  # silu, product
+    total *= b
     if strategy in ("tp_sp", "ulysses", "usp"):
-        total += 2 * (n_qkv + n_o)  # gathered <-> natural order copies
+        total += 2 * (n_qkv + n_o) * b  # gathered <-> natural order copies
     if strategy in ("ulysses", "usp"):
-        total += 6 * (n_qkv + n_o)  # all-to-all staging: stack, receive, concatenate
+        total += 6 * (n_qkv + n_o) * b  # all-to-all staging: stack, receive, concatenate
     if strategy in ("ring", "usp", "metp"):
         c = factorisation(strategy, P, inner)[1]
-        total += 8 * c * n_o  # LSE merges in float32 at every ring step
-    return float(total * b)
+        total += 8 * c * n_o * a  # LSE merges of the float32 sums at every ring step
+    return float(total)
 
 
 def layer_counts(
@@ -292,12 +314,7 @@ def layer_counts(
 
     seq_lens are the unpadded lengths of the micro-batch; each is padded to a multiple of 2P as
     the unified layout does."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    if recompute not in RECOMPUTE_MODES:
-        raise ValueError(f"unknown recompute {recompute!r}; choose from {RECOMPUTE_MODES}")
-    if strategy == "local" and P != 1:
-        raise ValueError(f"local runs on one rank only, got P={P}")
+    check_config(shape, strategy, P, recompute, inner)
     padded = [pad_length(n, P) for n in seq_lens]
     T, b = sum(padded), itemsize(dtype)
     counts = LayerCounts(strategy, P, T, len(padded))
@@ -330,8 +347,7 @@ def layer_counts(
     bf, bb, mf, mb = comm_bytes(shape, strategy, T, P, dtype, recompute, inner)
     counts.bytes_forward, counts.bytes_backward = bf, bb
     counts.messages_forward, counts.messages_backward = mf, mb
-    elementwise = _elementwise_bytes(shape, strategy, P, T, b, inner)
+    elementwise = _elementwise_bytes(shape, strategy, P, T, b, accumulator_itemsize(dtype), inner)
     counts.elementwise_forward = elementwise
-    share = {"none": 0.0, "selective": 0.4, "full": 1.0}[recompute]
-    counts.elementwise_backward = (2 + share) * elementwise
+    counts.elementwise_backward = (2 + RECOMPUTED_ELEMENTWISE[recompute]) * elementwise
     return counts

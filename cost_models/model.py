@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .counts import Kernel, factorisation, layer_counts
+from .counts import Kernel, dtype_name, factorisation, layer_counts
 from .hardware import Hardware
 from .memory import layer_memory
 from .profile_data import LinkFit, Profile
@@ -27,8 +27,9 @@ class Cost:
     backward_s: float
     """Backward including the recomputation."""
     compute_s: float
+    """Analytic compute time, forward and backward, before overlap and calibration."""
     comm_s: float
-    """Communication time before overlap."""
+    """Analytic communication time before overlap and calibration."""
     saved_bytes: int
     transient_bytes: int
     forward_peak_bytes: int
@@ -114,6 +115,8 @@ class CostModel:
     ) -> Cost:
         """One layer's forward and backward on one rank of a group of P for a micro-batch of
         `seq_lens` (unpadded lengths)."""
+        if self.profile is not None:
+            self.profile.check_matches(dtype=dtype_name(dtype))
         counts = layer_counts(
             shape, strategy, seq_lens, P, dtype=dtype, recompute=recompute, inner=inner
         )
@@ -172,10 +175,14 @@ class CostModel:
 
     # ------------------------------------------------------------------ model
     @staticmethod
-    def step(layers: Sequence[Cost], static_bytes: int = 0, extra_s: float = 0.0) -> StepCost:
+    def step(
+        layers: Sequence[Cost], static_bytes: int = 0, extra_s: float = 0.0, head_bytes: int = 0
+    ) -> StepCost:
         """A micro-batch through a stack of layers: times add; memory is the static bytes, every
-        layer's saved bytes and the largest transient (DESIGN 7's constraint)."""
+        layer's saved bytes and the largest transient (DESIGN 7's constraint), where the LM
+        head's logits (`head_bytes`, see `static.logits_bytes`) are one more transient, live
+        while every layer's saved bytes are."""
         time = sum(c.time_s for c in layers) + extra_s
         peak = static_bytes + sum(c.saved_bytes for c in layers)
-        peak += max((c.transient_bytes for c in layers), default=0)
+        peak += max([c.transient_bytes for c in layers] + [head_bytes])
         return StepCost(time_s=time, peak_bytes=int(peak))

@@ -35,32 +35,51 @@ __all__ = ["measure_profile", "main"]
 MIN_SECONDS = 0.02  # each measurement repeats the call until it has run this long
 
 
-def _slowest(seconds: float) -> float:
+def threads_from_env() -> int:
+    """Intra-op threads per rank: OMP_NUM_THREADS when it is a positive integer, else 1."""
+    value = os.environ.get("OMP_NUM_THREADS", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so a clock read times work, not launches."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def _slowest(seconds: float, device: torch.device) -> float:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return seconds
-    t = torch.tensor([seconds], dtype=torch.float64)
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
 
 def timed(
-    fn: Callable[[], object], repeats: int | None = None, min_seconds: float = MIN_SECONDS
+    fn: Callable[[], object],
+    device: torch.device,
+    repeats: int | None = None,
+    min_seconds: float = MIN_SECONDS,
 ) -> float:
     """Mean seconds per call of fn on the slowest rank over back-to-back calls (a count every
     rank agrees on, so collectives inside fn stay matched), after a warm-up. The mean, not a
     best case: a training step sees the average contention of ranks sharing a machine."""
     fn()
     if repeats is None:
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        once = _slowest(time.perf_counter() - start)
+        synchronize(device)
+        once = _slowest(time.perf_counter() - start, device)
         repeats = max(2, min(100, int(min_seconds / max(once, 1e-6)) + 1))
     if dist.is_initialized():
         dist.barrier()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    return _slowest((time.perf_counter() - start) / repeats)
+    synchronize(device)
+    return _slowest((time.perf_counter() - start) / repeats, device)
 
 
 def _sizes(first: int, last: int, step: int = 4) -> list[int]:
@@ -80,7 +99,7 @@ def _matmuls(shape, P: int, dtype, device, max_tokens: int) -> list[list[float]]
         for k, n in pairs:
             a = torch.randn(m, k, dtype=dtype, device=device)
             b = torch.randn(k, n, dtype=dtype, device=device)
-            points.append([2.0 * m * k * n, timed(lambda a=a, b=b: a @ b)])
+            points.append([2.0 * m * k * n, timed(lambda a=a, b=b: a @ b, device)])
     return points
 
 
@@ -89,7 +108,7 @@ def _attention(shape, P: int, dtype, device, causal: bool, max_tokens: int) -> t
     blocks (a ring step off the diagonal)."""
     d, forward, backward = shape.head_dim, [], []
     for heads, kv in {(shape.heads, shape.kv_heads), (shape.heads // P, shape.kv_heads // P)}:
-        for L in _sizes(32, max_tokens) if causal else _sizes(64, max_tokens // 2, 8):
+        for L in _sizes(32, max_tokens) if causal else _sizes(64, max(max_tokens // 2, 512), 8):
             Lk = L if causal else L // 2
             q = torch.randn(L, heads, d, dtype=dtype, device=device)
             k = torch.randn(Lk, kv, d, dtype=dtype, device=device)
@@ -108,8 +127,10 @@ def _attention_times(q, k, v, causal: bool) -> tuple[float, float]:
     cu_q, cu_k = [0, q.shape[0]], [0, k.shape[0]]
     out, lse = attention_forward(q, k, v, cu_q, cu_k, causal=causal)
     dout = torch.randn_like(out)
-    forward = timed(lambda: attention_forward(q, k, v, cu_q, cu_k, causal=causal))
-    backward = timed(lambda: attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal))
+    forward = timed(lambda: attention_forward(q, k, v, cu_q, cu_k, causal=causal), q.device)
+    backward = timed(
+        lambda: attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal), q.device
+    )
     return forward, backward
 
 
@@ -133,9 +154,9 @@ def _overlap(group, dtype, device) -> float:
         return ring.wait()
 
     # long measurements: the fraction is a small difference of large times
-    compute = timed(lambda: [a @ a for _ in range(4)], min_seconds=0.25)
-    comm = timed(exchange, min_seconds=0.25)
-    together = timed(both, min_seconds=0.25)
+    compute = timed(lambda: [a @ a for _ in range(4)], device, min_seconds=0.25)
+    comm = timed(exchange, device, min_seconds=0.25)
+    together = timed(both, device, min_seconds=0.25)
     return min(max((compute + comm - together) / min(compute, comm), 0.0), 1.0)
 
 
@@ -146,7 +167,7 @@ def _elementwise(dtype, device) -> LinkFit:
             torch.randn(n, dtype=dtype, device=device),
             torch.randn(n, dtype=dtype, device=device),
         )
-        samples.append((3.0 * n * a.element_size(), timed(lambda a=a, b=b: a + b)))
+        samples.append((3.0 * n * a.element_size(), timed(lambda a=a, b=b: a + b, device)))
     return LinkFit.fit(samples)
 
 
@@ -173,16 +194,19 @@ def _collectives(groups, dtype, device) -> dict[str, dict[int, LinkFit]]:
         "p2p": exchange,
     }
     fits: dict[str, dict[int, LinkFit]] = {kind: {} for kind in ops}
+    sizes = [1 << 12, 1 << 16, 1 << 19, 1 << 21]  # elements: 16 KiB to 8 MiB in float32
+    if device.type != "cpu":  # up to the size of real weight gathers on GPUs
+        sizes += [1 << 24, 1 << 26]
     for group in groups:
         P = group.size
         for kind, op in ops.items():
             samples = []
-            for elements in (1 << 12, 1 << 16, 1 << 19, 1 << 21):
+            for elements in sizes:
                 rows = max(P, elements // 256 // P * P)
                 x = torch.randn(rows, 256, dtype=dtype, device=device)
                 with count_bytes(group) as sent:
                     op(group, x)
-                samples.append((float(sent.total), timed(partial(op, group, x))))
+                samples.append((float(sent.total), timed(partial(op, group, x), device)))
             fits[kind][P] = LinkFit.fit(samples)
     return fits
 
@@ -194,17 +218,17 @@ def calibration_lengths(max_tokens: int) -> list[list[int]]:
     return [[24, 40]] + [[k // 2, k // 3, k - k // 2 - k // 3] for k in (n, 2 * n)]
 
 
-def _calibration(mesh, shape, dtype, partial: Profile, max_tokens: int) -> None:
+def _calibration(mesh, shape, dtype, profile: Profile, max_tokens: int) -> None:
     """Per strategy and direction, time = scale x the analytic time, fitted on real layer steps
     of the strategy in every recompute mode at three sizes (least squares on relative errors).
     The scale is what the kernel and link measurements miss inside a real step: per-op
     dispatch, contention between ranks sharing cores, merges and copies that are not plain
-    bandwidth, imperfect overlap. Fills `partial.calibration` and `calibration_points`."""
+    bandwidth, imperfect overlap. Fills `profile.calibration` and `calibration_points`."""
     from paradyse import PackedBatch, SwitchableDecoderLayer
     from parallel_lib import get_strategy
 
     P = mesh.sp
-    raw = CostModel(detect(), partial)  # no calibration yet: the analytic times
+    raw = CostModel(detect(), profile)  # no calibration yet: the analytic times
     layer = SwitchableDecoderLayer(shape, mesh.sp_group, dtype=dtype, device=mesh.device)
     points = []
     for lens in calibration_lengths(max_tokens):
@@ -221,10 +245,10 @@ def _calibration(mesh, shape, dtype, partial: Profile, max_tokens: int) -> None:
                 fwd, bwd = step_times(layer, x, dy, batch, name, recompute, repeats=5)
                 cost = raw.layer_cost(shape, name, recompute, lens, P, dtype=dtype_name(dtype))
                 rows.append([sum(lens), fwd, bwd, cost.forward_s, cost.backward_s])
-            partial.calibration_points[f"{name}/{recompute}"] = rows[-len(points) :]
+            profile.calibration_points[f"{name}/{recompute}"] = rows[-len(points) :]
         measured[name] = rows
     for name, rows in measured.items():
-        partial.calibration[name] = tuple(
+        profile.calibration[name] = tuple(
             _scale([(row[1 + phase], row[3 + phase]) for row in rows]) for phase in (0, 1)
         )
 
@@ -243,13 +267,16 @@ def step_times(layer, x, dy, batch, strategy, recompute, repeats: int = 3) -> tu
     for _ in range(repeats):
         if dist.is_initialized():
             dist.barrier()
+        synchronize(x.device)
         start = time.perf_counter()
         y = layer(x, batch, strategy, recompute)
+        synchronize(x.device)
         middle = time.perf_counter()
         y.backward(dy)
+        synchronize(x.device)
         end = time.perf_counter()
-        forward.append(_slowest(middle - start))
-        backward.append(_slowest(end - middle))
+        forward.append(_slowest(middle - start, x.device))
+        backward.append(_slowest(end - middle, x.device))
     return statistics.median(forward), statistics.median(backward)
 
 
@@ -261,7 +288,9 @@ def measure_profile(mesh, shape, dtype=torch.float32, max_tokens: int = 8192) ->
     for u in range(2, P // 2 + 1):
         if P % u == 0 and P // u >= 2:
             inner, outer = mesh.sp_group.factor(u)
-            groups += [g for g in (inner, outer) if g.size not in {h.size for h in groups}]
+            for g in (inner, outer):  # one group per size: fits are keyed by size
+                if g.size not in {h.size for h in groups}:
+                    groups.append(g)
     forward, backward = _attention(shape, P, dtype, device, True, max_tokens)
     forward_full, backward_full = _attention(shape, P, dtype, device, False, max_tokens)
     profile = Profile(
@@ -299,8 +328,15 @@ def add_shape_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def shape_from(args: argparse.Namespace):
+    """The LayerShape of the shape flags; ValueError, one line, for an impossible one."""
     from parallel_lib import LayerShape
 
+    for flag, value in (("--hidden", args.hidden), ("--heads", args.heads),
+                        ("--kv-heads", args.kv_heads), ("--ffn", args.ffn)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if args.head_dim is None and args.hidden % args.heads:
+        raise ValueError(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
     head_dim = args.head_dim or args.hidden // args.heads
     return LayerShape(args.hidden, args.heads, args.kv_heads, head_dim, args.ffn)
 
@@ -328,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         shape = shape_from(args)
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        torch.set_num_threads(threads_from_env())
         mesh = paradyse.init_mesh()
         problem = shape.layout_problem(mesh.sp)
         if problem:
@@ -338,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder):
             raise ValueError(f"--out {args.out}: folder {folder} does not exist")
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a folder; give a file name")
     except ValueError as e:
         fail(p.prog, str(e))
     start = time.perf_counter()

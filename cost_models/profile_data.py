@@ -72,7 +72,15 @@ class LinkFit:
     @classmethod
     def fit(cls, samples: Sequence[tuple[float, float]]) -> LinkFit:
         """Least squares of time on bytes, weighted by 1/time^2 (relative errors count, so the
-        small messages fix alpha and the large ones beta); alpha >= 0, beta > 0."""
+        small messages fix alpha and the large ones beta); alpha >= 0. Where even the largest
+        message spent under a quarter of its time transferring (flat, latency-bound samples),
+        beta cannot be told from noise and is the largest message's bytes/time instead: never
+        a link faster than any transfer measured."""
+        samples = [(b, t) for b, t in samples if t > 0 and b >= 0]
+        if not samples:
+            raise ProfileError("a link fit needs at least one positive time")
+        largest, largest_t = max(samples)
+        observed = largest / largest_t if largest > 0 else 1e30
         w = [1.0 / t**2 for _, t in samples]
         sw = sum(w)
         mx = sum(wi * b for wi, (b, _) in zip(w, samples, strict=True)) / sw
@@ -80,14 +88,14 @@ class LinkFit:
         sxx = sum(wi * (b - mx) ** 2 for wi, (b, _) in zip(w, samples, strict=True))
         sxt = sum(wi * (b - mx) * (t - mt) for wi, (b, t) in zip(w, samples, strict=True))
         slope = sxt / sxx if sxx else 0.0
-        if slope <= 0:  # flat or noisy: all latency
-            return cls(alpha=mt, beta=1e30)
         alpha = mt - slope * mx
-        if alpha < 0:  # refit through the origin
-            alpha = 0.0
-            slope = sum(wi * b * t for wi, (b, t) in zip(w, samples, strict=True)) / sum(
-                wi * b * b for wi, (b, _) in zip(w, samples, strict=True)
-            )
+        if slope <= 0 or alpha < 0:  # refit through the origin (pure bandwidth)
+            sbb = sum(wi * b * b for wi, (b, _) in zip(w, samples, strict=True))
+            sbt = sum(wi * b * t for wi, (b, t) in zip(w, samples, strict=True))
+            alpha, slope = (0.0, sbt / sbb) if sbb else (mt, 0.0)
+        alpha = max(alpha, 0.0)
+        if slope <= 0 or largest_t - alpha < 0.25 * largest_t:
+            return cls(alpha=alpha, beta=observed)
         return cls(alpha=alpha, beta=1.0 / slope)
 
 
@@ -129,12 +137,45 @@ class Profile:
     """Fraction of the shorter of compute and point-to-point traffic hidden under the other when
     both are in flight (1 on GPUs with copy engines; less where communication takes CPU)."""
 
+    def problem(self) -> str | None:
+        """Why these coefficients cannot be used, or None."""
+        for kind, fits in self.collectives.items():
+            for size, f in fits.items():
+                if not (f.alpha >= 0 and f.beta > 0) or size < 1:
+                    return f"{kind} on {size} ranks has alpha={f.alpha}, beta={f.beta}"
+        if not (self.elementwise.alpha >= 0 and self.elementwise.beta > 0):
+            return f"elementwise bandwidth {self.elementwise.beta} is not positive"
+        if not 0.0 <= self.overlap <= 1.0:
+            return f"overlap {self.overlap} is outside [0, 1]"
+        for name, scales in self.calibration.items():
+            if not all(k > 0 for k in scales):
+                return f"calibration of {name} {scales} is not positive"
+        return None
+
+    def check_matches(self, *, dtype: str, sp: int | None = None) -> None:
+        """ProfileError (one line) when this profile was measured for another dtype or group
+        size than the run that wants to use it."""
+        measured = self.machine.get("dtype")
+        if measured is not None and measured != dtype:
+            raise ProfileError(
+                f"the profile was measured in {measured}, the run computes in {dtype}; "
+                f"profile again with --dtype {dtype}"
+            )
+        size = self.machine.get("sp")
+        if sp is not None and size is not None and size != sp:
+            raise ProfileError(
+                f"the profile was measured on sp={size}, the run uses sp={sp}; profile again "
+                "with the run's group size"
+            )
+
     def attention(self, direction: str, causal: bool) -> Curve:
         full = getattr(self, f"attention_{direction}_full")
         return getattr(self, f"attention_{direction}") if causal or full is None else full
 
     def collective(self, kind: str, group_size: int) -> LinkFit:
-        """The fit for `kind` on a group of `group_size`; the nearest profiled size otherwise."""
+        """The fit for `kind` on a group of `group_size`. A size the profile lacks uses the
+        nearest profiled size of that kind (profile on the group sizes you train with); a kind
+        it lacks uses the all-gather fit."""
         table = self.collectives.get(kind) or self.collectives.get("all_gather")
         if not table:
             raise ProfileError(f"the profile has no {kind} measurements; profile again")
@@ -179,7 +220,7 @@ class Profile:
                 kind: {int(p): LinkFit(float(f["alpha"]), float(f["beta"])) for p, f in t.items()}
                 for kind, t in data["collectives"].items()
             }
-            return cls(
+            profile = cls(
                 machine=dict(data["machine"]),
                 matmul=Curve(data["matmul"]),
                 attention_forward=Curve(data["attention_forward"]),
@@ -204,13 +245,20 @@ class Profile:
                 f"{source} is corrupt ({type(e).__name__}: {e}); "
                 "run python -m cost_models.profile again"
             ) from None
+        problem = profile.problem()
+        if problem:
+            raise ProfileError(f"{source} is corrupt: {problem}; run python -m cost_models.profile")
+        return profile
 
     def save(self, path: str | Path) -> None:
-        """Write atomically (a temporary file renamed over the target)."""
+        """Write atomically (a temporary file renamed over the target; removed on failure)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:

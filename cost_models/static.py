@@ -24,7 +24,8 @@ class StaticMemory:
     weights: int
     gradients: int
     optimizer: int
-    """AdamW's two moments in float32, plus float32 master weights when weights are not."""
+    """AdamW's two moments (float32, or float64 for float64 weights), plus float32 master
+    weights for 16-bit weights."""
 
     @property
     def total(self) -> int:
@@ -50,11 +51,13 @@ def static_memory(
     embeddings = vocab * H // sp * (1 if tied_embeddings else 2)
     params = layers * per_layer + embeddings + H  # + the final norm
     b = itemsize(dtype)
-    optimizer_per_param = 8 + (4 if b != 4 else 0)
+    # two moments in max(dtype, float32), plus float32 master weights for 16-bit weights
+    optimizer_per_param = 2 * max(b, 4) + (4 if b < 4 else 0)
     optimizer = params * optimizer_per_param // (dp if shard_optimizer else 1)
     return StaticMemory(weights=params * b, gradients=params * b, optimizer=optimizer)
 
 
-def logits_bytes(local_tokens: int, vocab: int, sp: int) -> int:
-    """The vocabulary-sharded LM head's float32 logits and their gradient for T/P tokens."""
-    return 2 * local_tokens * (vocab // sp) * 4
+def logits_bytes(tokens: int, vocab: int, sp: int) -> int:
+    """The vocabulary-sharded LM head's float32 logits and their gradient on one rank: every one
+    of the micro-batch's T tokens against this rank's vocab/sp rows."""
+    return 2 * tokens * (vocab // sp) * 4

@@ -28,8 +28,15 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from .counts import RECOMPUTE_MODES, STRATEGIES, dtype_name
 from .hardware import detect
 from .model import CostModel
-from .profile import add_shape_arguments, fail, measure_profile, shape_from, step_times
-from .profile_data import Profile, ProfileError
+from .profile import (
+    add_shape_arguments,
+    fail,
+    measure_profile,
+    shape_from,
+    step_times,
+    threads_from_env,
+)
+from .profile_data import Profile
 
 __all__ = ["Cell", "validate", "batch_lengths", "main"]
 
@@ -64,9 +71,18 @@ def batch_lengths(tokens: int, sequences: int) -> list[int]:
 
 
 def measured_peak(layer, x, dy, batch, strategy, recompute, device) -> int:
-    """MemTracker's peak over one step, with the gradients already allocated (steady state)."""
+    """Peak bytes over one step, with the gradients already allocated (steady state), counting
+    the parameters, their gradients, x and dy: torch.cuda.max_memory_allocated on CUDA,
+    MemTracker's peak elsewhere (DESIGN 6)."""
     layer(x, batch, strategy, recompute).backward(dy)
     gc.collect()
+    if device.type == "cuda":
+        held = sum(t.numel() * t.element_size() for t in (*layer.parameters(), x, dy))
+        held += sum(p.grad.numel() * p.grad.element_size() for p in layer.parameters())
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        layer(x, batch, strategy, recompute).backward(dy)
+        return torch.cuda.max_memory_allocated(device) - before + held
     tracker = MemTracker()
     tracker.track_external(layer, x, dy)
     with tracker:
@@ -150,7 +166,16 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         shape = shape_from(args)
-        tokens = [int(t) for t in args.tokens.split(",")]
+        try:
+            tokens = [int(t) for t in args.tokens.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--tokens takes comma-separated integers, got {args.tokens!r}"
+            ) from None
+        if min(tokens) < args.sequences:
+            raise ValueError(
+                f"--tokens {min(tokens)} cannot hold --sequences {args.sequences} sequences"
+            )
         names = list(STRATEGIES) if args.strategies == "all" else args.strategies.split(",")
         recomputes = args.recompute.split(",")
         for value, known, what in ((names, STRATEGIES, "strategy"),
@@ -161,9 +186,11 @@ def main(argv: list[str] | None = None) -> None:
         if min(tokens) < 1 or args.sequences < 1 or args.repeats < 1:
             raise ValueError("--tokens, --sequences and --repeats must be positive")
         profile = Profile.load(args.profile) if args.profile else None
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads_from_env())
         mesh = paradyse.init_mesh()
-    except (ValueError, ProfileError) as e:
+        if profile is not None:
+            profile.check_matches(dtype=args.dtype, sp=mesh.sp)
+    except ValueError as e:  # ProfileError included
         fail(p.prog, str(e))
     names = [n for n in names if get_strategy(n).supports(shape, mesh.sp)[0]]
     if not names:

@@ -135,3 +135,43 @@ def test_comm_bytes_and_calls_match_counter(P: int, name: str) -> None:
     for rank, rows in enumerate(run_distributed(P, comm_case, name)):
         for what, counted, formula in rows:
             assert counted == formula, f"rank {rank} {what}: counted {counted} != {formula}"
+
+
+# ---------------------------------------------------------------- configurations
+def test_factorisation_matches_the_strategy_library() -> None:
+    from cost_models.counts import factorisation
+
+    for P in range(4, 17):
+        usp = get_strategy("usp")
+        shape = LayerShape(16 * P, 2 * P, P, 8, 4 * P)
+        if not usp.supports(shape, P)[0]:
+            with pytest.raises(ValueError):
+                factorisation("usp", P)
+            continue
+        assert factorisation("usp", P) == (usp.inner_degree(P), P // usp.inner_degree(P)), P
+
+
+@pytest.mark.parametrize(
+    ("shape", "strategy", "P", "words"),
+    [
+        (LayerShape(96, 6, 3, 16, 256), "tp_sp", 4, ["heads", "6", "P=4"]),
+        (LayerShape(96, 6, 3, 16, 256), "ring", 2, ["kv_heads", "3", "P=2"]),
+        (SHAPE, "usp", 2, ["usp", "P=2"]),
+        (SHAPE, "local", 2, ["local", "P=2"]),
+        (SHAPE, "ring", 0, ["positive"]),
+        (SHAPE, "sideways", 2, ["unknown strategy", "sideways"]),
+    ],
+)
+def test_counts_refuse_what_the_library_refuses(shape, strategy, P, words) -> None:
+    for count in (layer_counts, layer_memory_of):
+        with pytest.raises(ValueError) as err:
+            count(shape, strategy, [64, 40], P)
+        message = str(err.value)
+        assert "\n" not in message and all(w in message for w in words), message
+    assert not get_strategy(strategy).supports(shape, P)[0] if strategy != "sideways" else True
+
+
+def layer_memory_of(shape, strategy, lens, P):
+    from cost_models.memory import layer_memory
+
+    return layer_memory(shape, strategy, lens, P)

@@ -8,6 +8,7 @@ import itertools
 import time
 
 import pytest
+import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from cost_models.counts import RECOMPUTE_MODES, STRATEGIES, pad_length
@@ -17,9 +18,19 @@ from paradyse import SwitchableDecoderLayer
 from .harness import run_distributed
 from .layer_cases import SHAPE, mesh_for, problem, rel_error, supported, uneven_lengths
 
-SAVED_TOLERANCE, PEAK_TOLERANCE = 0.05, 0.15
+SAVED_TOLERANCE = 0.05
+PEAK_UNDER, PEAK_OVER = 0.08, 0.15
+"""The replay may overstate a peak (usp's worst-rank ring step: +14% on some ranks). It may
+understate one only by what gloo's worker threads sometimes hold a moment past the code's last
+use (a ring K/V message or a gathered weight: up to 6% of these small test peaks, depending on
+timing)."""
 LENGTHS = {"short": uneven_lengths(4), "300": [3, 130, 170], "1500": [700, 500, 250, 50]}
-CASES = [(4, n, k) for n in supported(4) for k in LENGTHS] + [(2, n, "short") for n in supported(2)]
+CASES = (
+    [(4, n, k, "float32") for n in supported(4) for k in LENGTHS]
+    + [(2, n, "short", "float32") for n in supported(2)]
+    + [(1, n, "300", "float32") for n in supported(1)]
+    + [(4, n, "300", "bfloat16") for n in supported(4)]
+)
 
 
 def settle() -> None:
@@ -27,13 +38,14 @@ def settle() -> None:
     time.sleep(0.02)
 
 
-def memory_case(name: str, lens: list[int]) -> list[tuple]:
-    """Per recompute mode: (recompute, measured saved, measured peak) on this rank, float32."""
+def memory_case(name: str, lens: list[int], dtype_name: str = "float32") -> list[tuple]:
+    """Per recompute mode: (recompute, measured saved, measured peak) on this rank."""
     mesh = mesh_for()
+    dtype = getattr(torch, dtype_name)
     rows = []
     for rc in RECOMPUTE_MODES:
-        batch, x, dy = problem(mesh, lens)
-        layer = SwitchableDecoderLayer(SHAPE, mesh.sp_group)
+        batch, x, dy = problem(mesh, lens, dtype)
+        layer = SwitchableDecoderLayer(SHAPE, mesh.sp_group, dtype=dtype)
         layer(x, batch, name, rc).backward(dy)  # warm-up: layout caches, parameter gradients
         settle()
         tracker = MemTracker()
@@ -51,17 +63,21 @@ def memory_case(name: str, lens: list[int]) -> list[tuple]:
     return rows
 
 
-@pytest.mark.parametrize(("P", "name", "key"), CASES, ids=[f"P{P}-{n}-{k}" for P, n, k in CASES])
-def test_saved_and_peak_match_mem_tracker(P: int, name: str, key: str) -> None:
+@pytest.mark.parametrize(
+    ("P", "name", "key", "dtype"), CASES, ids=[f"P{P}-{n}-{k}-{d}" for P, n, k, d in CASES]
+)
+def test_saved_and_peak_match_mem_tracker(P: int, name: str, key: str, dtype: str) -> None:
     lens, off = LENGTHS[key], {"saved": [], "peak": []}
-    for rank, rows in enumerate(run_distributed(P, memory_case, name, lens)):
+    for rank, rows in enumerate(run_distributed(P, memory_case, name, lens, dtype)):
         for rc, saved, peak in rows:
-            m = layer_memory(SHAPE, name, lens, P, recompute=rc, reduce_scatter_copy=True)
-            what = f"{name} P={P} rank {rank} lens={key} recompute={rc}"
+            m = layer_memory(
+                SHAPE, name, lens, P, dtype=dtype, recompute=rc, reduce_scatter_copy=True
+            )
+            what = f"{name} P={P} {dtype} rank {rank} lens={key} recompute={rc}"
             if rel_error(saved, m.saved) > SAVED_TOLERANCE:
                 off["saved"].append(f"{what}: saved {saved} B, model {m.saved} B")
             model_peak = max(m.forward_peak, m.backward_peak)
-            if rel_error(peak, model_peak) > PEAK_TOLERANCE:
+            if not -PEAK_UNDER <= (model_peak - peak) / peak <= PEAK_OVER:
                 off["peak"].append(f"{what}: peak {peak} B, model {model_peak} B")
     wrong = off["saved"] + off["peak"]
     assert not wrong, "\n".join(wrong)

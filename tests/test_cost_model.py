@@ -132,6 +132,8 @@ def test_step_adds_saved_bytes_and_the_largest_transient() -> None:
         Cost(1, 2, 0, 0, saved, transient, 0, 0, 0, 0) for saved, transient in ((5, 7), (11, 3))
     ]
     assert CostModel.step(made_up, 100).peak_bytes == 100 + 16 + 7
+    assert CostModel.step(made_up, 100, head_bytes=9).peak_bytes == 100 + 16 + 9  # logits win
+    assert CostModel.step(made_up, 100, head_bytes=6).peak_bytes == 100 + 16 + 7
     assert CostModel.step([], 9).peak_bytes == 9
 
 
@@ -226,6 +228,17 @@ def test_profile_round_trip(tmp_path) -> None:
     assert again.to_dict() == profile.to_dict()
     assert again.collective("all_gather", 4) == LinkFit(2e-5, 2e9)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]  # no temporary left behind
+
+
+def test_link_fit_never_promises_a_link_faster_than_measured() -> None:
+    flat = [(16e3, 20e-6), (256e3, 19e-6), (2e6, 19.5e-6), (8e6, 19.8e-6)]  # latency-bound noise
+    fit = LinkFit.fit(flat)
+    assert fit.beta <= 8e6 / 19.8e-6 * (1 + 1e-12)
+    assert fit(1e9) >= 1e9 / (8e6 / 19.8e-6)  # 1 GB no faster than the largest transfer seen
+    falling = [(1e3, 3e-5), (1e6, 2e-5), (1e7, 1e-5)]  # slope <= 0
+    assert 0 < LinkFit.fit(falling).beta <= 1e7 / 1e-5 * (1 + 1e-12)
+    with pytest.raises(ProfileError):
+        LinkFit.fit([(1e3, 0.0)])
 
 
 def test_link_fit_recovers_alpha_and_beta() -> None:

@@ -36,4 +36,6 @@ def test_static_memory_by_hand() -> None:
     tied = params - V * H // 4
     assert fp32.weights == 4 * tied and fp32.optimizer == 8 * tied  # not sharded over dp
     assert fp32.total == fp32.weights + fp32.gradients + fp32.optimizer
-    assert logits_bytes(64, V, 4) == 2 * 64 * (V // 4) * 4
+    assert logits_bytes(256, V, 4) == 2 * 256 * (V // 4) * 4  # all T tokens, V/sp rows
+    f64 = static_memory(SHAPE, L, V, sp=4, dtype="float64")
+    assert f64.optimizer == 16 * params  # two float64 moments, no master copy

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from cost_models import CostModel, Profile, get_preset
 
 from .harness import run_distributed
@@ -99,3 +101,34 @@ def test_cost_models_imports_neither_torch_nor_the_project() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"cost_models imported {proc.stdout.strip()}"
+
+
+def test_validate_refuses_bad_arguments_in_one_line(tmp_path) -> None:
+    validate = "cost_models.validate"
+    _one_line_error(_run(validate, "--tokens", "abc"), "--tokens", "abc")
+    _one_line_error(_run(validate, "--tokens", "1", "--sequences", "2"), "--sequences 2")
+    _one_line_error(_run(validate, "--heads", "0"), "--heads")
+    _one_line_error(_run(validate, "--strategies", "sideways"), "sideways")
+    _one_line_error(_run("cost_models.profile", "--out", str(tmp_path)), "is a folder")
+
+
+def test_a_profile_of_another_dtype_is_refused(tmp_path) -> None:
+    from cost_models.profile_data import Curve, LinkFit
+
+    profile = Profile(
+        machine={"dtype": "float32", "sp": 1},
+        matmul=Curve([(1, 1e-6), (1e9, 1e-2)]),
+        attention_forward=Curve([(1, 1e-6), (1e9, 1e-2)]),
+        attention_backward=Curve([(1, 1e-6), (1e9, 1e-2)]),
+        elementwise=LinkFit(0.0, 1e10),
+        collectives={},
+    )
+    path = tmp_path / "f32.json"
+    profile.save(path)
+    message = _one_line_error(
+        _run("cost_models.validate", "--profile", str(path), "--dtype", "bfloat16"), "bfloat16"
+    )
+    assert "--dtype bfloat16" in message
+    model = CostModel(get_preset("cpu"), profile)
+    with pytest.raises(ValueError, match="profile again with --dtype bfloat16"):
+        model.layer_cost(SHAPE, "local", "none", [8], 1, dtype="bfloat16")

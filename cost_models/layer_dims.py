@@ -1,0 +1,118 @@
+"""Sizes of the tensors one rank handles for one layer, and the bytes it saves for backward in
+closed form (the implementation's saved tensors, counted one by one). Pure Python."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .counts import ZERO3, accumulator_itemsize, factorisation, itemsize, pad_length
+
+__all__ = ["LayerDims", "layer_dims", "attention_saved", "mlp_saved", "saved_bytes"]
+
+
+@dataclass(frozen=True)
+class LayerDims:
+    """Sizes in bytes of the tensors one rank handles."""
+
+    strategy: str
+    P: int
+    u: int  # all-to-all degree
+    c: int  # ring degree
+    T: int
+    tl: int
+    H: int
+    Q: int  # heads * head_dim
+    K: int  # kv_heads * head_dim
+    F: int
+    d: int
+    e: int  # bytes per element
+    a: int  # bytes per accumulator element (LSE, ring sums)
+    longest: int  # longest padded sequence
+    rs_copy: bool  # the backend copies a reduce-scatter's input (gloo)
+
+    @property
+    def norm_saved(self) -> int:
+        # RMSNorm computes in float32: float32 x (the input itself in float32) and x_hat, the
+        # output in the compute dtype, 1/rms per token (measured on torch 2.13)
+        per_elem = 12 if self.e == 4 else 8 + self.e
+        return self.tl * self.H * per_elem + 4 * self.tl
+
+    @property
+    def tokens_attended(self) -> int:
+        """N: tokens whose attention this rank computes (its heads' share)."""
+        if self.strategy in ("local", "tp_sp"):
+            return self.T
+        return self.u * self.tl if self.strategy in ZERO3 else self.tl
+
+    @property
+    def q_width(self) -> int:
+        """Query features (heads x head_dim) per attended token (all head groups, for metp)."""
+        return self.Q * self.tl // self.tokens_attended
+
+    @property
+    def kv_width(self) -> int:
+        return self.K * self.tl // self.tokens_attended
+
+    @property
+    def qkv_copied(self) -> bool:
+        """Q, K and V are tensors of their own (reordered, sliced per head group, or V reshaped
+        across shard blocks); else V is a view that keeps the whole projection output alive."""
+        if self.sorted or self.strategy == "metp":
+            return True
+        blocks = self.P // self.u if self.strategy in ZERO3 else 1
+        return blocks > 1 and self.K // self.d // self.P > 1
+
+    def flash_workspace(self, rows_q: int, rows_k: int, groups: int = 1) -> int:
+        """float32 gradient buffers of one flash-attention backward call (per query head)."""
+        return (rows_q + 2 * rows_k) * self.q_width // groups * self.a
+
+    @property
+    def sorted(self) -> bool:
+        """Q/K/V gathered from several ranks are reordered by index_select copies."""
+        if self.strategy == "tp_sp":
+            return self.P > 1
+        return self.strategy in ZERO3 and self.u > 1
+
+
+def layer_dims(
+    shape, strategy: str, seq_lens: Sequence[int], P: int, dtype, inner, rs_copy: bool
+) -> LayerDims:
+    padded = [pad_length(n, P) for n in seq_lens]
+    T = sum(padded)
+    u, c = factorisation(strategy, P, inner)
+    d = shape.head_dim
+    return LayerDims(
+        strategy, P, u, c, T, T // P, shape.hidden, shape.heads * d, shape.kv_heads * d,
+        shape.ffn_hidden, d, itemsize(dtype), accumulator_itemsize(dtype), max(padded), rs_copy,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- saved bytes (closed form)
+def attention_saved(m: LayerDims) -> int:
+    N, e = m.tokens_attended, m.e
+    q, kv = N * m.q_width, N * m.kv_width  # elements of Q and of K (or V)
+    saved = m.norm_saved + 2 * N * m.d * e  # RoPE cos and sin for Q and for K
+    if e != 4:  # the norm keeps a float32 copy; the input is counted too (the layer's own)
+        saved += m.tl * m.H * e
+    if m.qkv_copied:
+        saved += (q + 2 * kv) * e  # rotated Q and K, V's own copy
+    else:  # rotated Q, K, and the projection output that V is a view of
+        saved += (q + kv) * e + (q + 2 * kv) * e
+    saved += q * e + m.tl * m.Q // m.d * m.a  # attention output and its LSE
+    if m.sorted or m.strategy == "metp":
+        saved += q * e  # the reordered (or concatenated) output fed to the out projection
+    return saved
+
+
+def mlp_saved(m: LayerDims) -> int:
+    return m.norm_saved + 4 * m.tl * m.F * m.e  # gate/up output, silu(gate), the product
+
+
+def saved_bytes(m: LayerDims, recompute: str) -> int:
+    x = m.tl * m.H * m.e
+    if recompute == "full":
+        return x
+    if recompute == "selective":
+        return attention_saved(m) + x  # the MLP keeps only its input h
+    return attention_saved(m) + mlp_saved(m)

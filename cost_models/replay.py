@@ -1,0 +1,338 @@
+"""A replay of the tensors one layer allocates and frees on one rank, forward then backward (with
+any recomputation), following each strategy's implementation in `parallel_lib` and
+`paradyse.layer`: its peaks are the layer's peak memory. Everything that scales with tokens or
+weights is replayed; temporaries of a few token-wide vectors are ignored. Pure Python."""
+
+from __future__ import annotations
+
+from .counts import ZERO3
+from .layer_dims import LayerDims
+
+__all__ = ["Replay"]
+
+
+class _Tape:
+    """Live bytes over a replay of allocations and frees, with the peak."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def alloc(self, *sizes: float) -> float:
+        self.live += sum(sizes)
+        self.peak = max(self.peak, self.live)
+        return sum(sizes)
+
+    def free(self, *sizes: float) -> None:
+        self.live -= sum(sizes)
+
+    def temp(self, *sizes: float) -> None:
+        self.alloc(*sizes)
+        self.free(*sizes)
+
+
+class Replay:
+    """One layer's forward and backward on a tape, following the strategy's implementation.
+
+    `saving` False replays a forward inside an activation checkpoint: tensors autograd would
+    save die as soon as the forward is done with them."""
+
+    def __init__(self, m: LayerDims) -> None:
+        self.m, self.tape = m, _Tape()
+        self.saving, self.pending = True, []
+        self.unit = m.tl * m.H * m.e  # one (T/P, H) activation
+
+    def keep(self, *sizes: float) -> float:
+        """Allocate tensors only autograd keeps (dropped at the end of the op when not saving)."""
+        size = self.tape.alloc(*sizes)
+        if not self.saving:
+            self.pending.append(size)
+        return size
+
+    def done(self, consumed: float = 0) -> None:
+        """End of an op: without saving, drop what only autograd kept and the consumed input."""
+        if not self.saving:
+            self.tape.free(sum(self.pending), consumed)
+            self.pending.clear()
+
+    # -------------------------------------------------------------- linears
+    def linear_forward(self, op: str, i: int, o: int, keep: bool, consumed: float) -> float:
+        """Allocates the output; temporaries come and go; returns the output's bytes.
+        op: qkv, out, gate_up, down; i, o: whole-weight in/out features."""
+        m, t = self.m, self.tape
+        column, e = op in ("qkv", "gate_up"), m.e
+        if m.strategy == "local":
+            out = t.alloc(m.T * o * e)
+        elif m.strategy == "tp_sp":
+            if column:
+                gathered = t.alloc(m.T * i * e)
+                out = t.alloc(m.T * o // m.P * e)
+                if not keep:
+                    t.free(gathered)
+            else:
+                partial = t.alloc(m.T * o * e)
+                out = t.alloc(m.tl * o * e)
+                t.temp(partial if m.rs_copy else 0)
+                t.free(partial)
+        elif m.strategy in ZERO3:
+            weight = t.alloc(i * o * e)
+            out = t.alloc(m.tl * o * e)
+            if not keep:
+                t.free(weight)
+        else:  # metp: two shard buffers in flight and one block's product; a row-parallel
+            # output sums the blocks in float32 and is cast back
+            acc = 0 if column or m.a == e else m.tl * o * m.a
+            t.alloc(acc)
+            t.temp(2 * i * o // m.P * e, m.tl * (o // m.P if column else o) * e)
+            out = t.alloc(m.tl * o * e)
+            t.free(acc)
+        self.done(consumed)
+        return out
+
+    def kept_operand(self, op: str, i: int, o: int) -> int:
+        """Bytes a recomputed linear keeps gathered for its backward beyond its saved input."""
+        m = self.m
+        if m.strategy == "tp_sp":
+            return m.T * i * m.e if op in ("qkv", "gate_up") else 0
+        return i * o * m.e if m.strategy in ZERO3 else 0
+
+    def linear_backward(self, op: str, i: int, o: int, kept: int, free_grad: bool = True) -> None:
+        """The output gradient is live; allocates the input gradient (left live), frees the saved
+        input, what a recomputation kept (`kept`) and the output gradient (if free_grad)."""
+        m, t = self.m, self.tape
+        column, e = op in ("qkv", "gate_up"), m.e
+        grad_out = (m.T * o // m.P if m.strategy == "tp_sp" and column else m.tl * o) * e
+        if m.strategy == "local":
+            t.temp(i * o * e, 0)
+            t.alloc(m.T * i * e)
+        elif m.strategy == "tp_sp":
+            if column:
+                gathered = 0 if kept else t.alloc(m.T * i * e)
+                weight_grad = t.alloc(i * o // m.P * e)
+                partial = t.alloc(m.T * i * e)
+                t.alloc(m.tl * i * e)
+                t.temp(partial if m.rs_copy else 0)
+                t.free(partial, gathered, weight_grad)
+            else:
+                gathered_grad = t.alloc(m.T * o * e)
+                weight_grad = t.alloc(i // m.P * o * e)
+                t.alloc(m.T * i // m.P * e)
+                t.free(gathered_grad, weight_grad)
+        elif m.strategy in ZERO3:
+            weight = 0 if kept else t.alloc(i * o * e)
+            t.alloc(m.tl * i * e)
+            full_grad = t.alloc(i * o * e)
+            shard = t.alloc(i * o // m.P * e)
+            t.temp(full_grad if m.rs_copy else 0)
+            t.free(full_grad, shard, weight)
+        else:  # metp: the input gradient; in flight: the weight shard held and the one being
+            # received, this step's gradient block, the travelling sum sent and the one received
+            # (summed in float32, then cast back)
+            acc = m.tl * i * m.a
+            t.alloc(acc)
+            t.temp(5 * i * o // m.P * e, m.tl * (i if column else i // m.P) * e)
+            if m.a != e:
+                t.alloc(m.tl * i * e)
+                t.free(acc)
+        t.free(grad_out if free_grad else 0, kept)
+
+    # -------------------------------------------------------------- norm
+    def norm_forward(self) -> float:
+        """x_hat and 1/rms are kept (float32 also keeps the input); the output flows on."""
+        self.keep(self.m.norm_saved - self._norm_input() - self.unit)
+        out = self.tape.alloc(self.unit)
+        self.done()
+        return out
+
+    def norm_backward(self) -> None:
+        m, t = self.m, self.tape
+        t.temp(3 * m.tl * m.H * 4)  # float32 products of the gradient formula
+        t.alloc(self.unit)  # the input gradient
+        t.free(m.norm_saved - self._norm_input() - self.unit)  # x_hat, 1/rms
+        t.free(self.unit, self.unit)  # the output and its gradient
+
+    def _norm_input(self) -> int:
+        """Bytes of the saved float32 input that are the layer's own tensor (float32 only)."""
+        return self.m.tl * self.m.H * 4 if self.m.e == 4 else 0
+
+    # -------------------------------------------------------------- attention core
+    def attention_forward(self, y: float) -> float:
+        """From the projection output y (live) to the out projection's input (live, returned).
+        Sets self.attn_kept: what the backward frees beyond that input and y."""
+        m, t, e = self.m, self.tape, self.m.e
+        N = m.tokens_attended
+        q, kv = N * m.q_width * e, N * m.kv_width * e
+        lse = N * m.q_width // m.d * m.a
+        if m.strategy in ZERO3 and m.u > 1:  # all-to-all: stacked send, receive, concatenate
+            t.temp(2 * y)
+            t.alloc(y)
+            t.free(y)
+        tables = self.keep(2 * N * m.d * e)
+        reordered = m.sorted or m.strategy == "metp"
+        rotated = t.alloc(q + kv)
+        t.temp(q)  # RoPE's products
+        if reordered:
+            self.keep(q + 2 * kv)
+            t.free(rotated, y)
+            kept = tables + q + 2 * kv
+        elif m.qkv_copied:  # V copied out of the projection output, which dies
+            self.keep(kv)
+            if not self.saving:
+                self.pending.append(rotated)
+            t.free(y)
+            kept = tables + rotated + kv
+        else:
+            if not self.saving:
+                self.pending.append(rotated + y)
+            kept = tables + rotated + y
+        if m.strategy in ("ring", "usp", "metp"):  # ring: sums, K/V stack and receive buffer
+            groups = m.P if m.strategy == "metp" else 1
+            acc = q * m.a // e // groups
+            t.temp(acc, 2 * 2 * kv // groups, 3 * acc)
+        else:
+            t.temp(q * m.longest // max(N, 1))  # one sequence's output before concatenation
+        self.keep(lse)
+        if reordered:
+            self.keep(q)  # the attention output
+            out = t.alloc(q)  # reordered (or the head groups concatenated)
+            if m.strategy in ZERO3 and m.u > 1:  # all-to-all back
+                t.temp(2 * q)
+                t.free(q)
+                out = t.alloc(m.tl * m.Q * e)
+        else:
+            out = t.alloc(q)
+        self.attn_kept = kept + lse + (q if reordered else 0)
+        self.output_shared = not reordered  # the out projection saved the attention output
+        self.done()
+        return out
+
+    def attention_backward(self) -> None:
+        """From the out projection's input gradient (live) to the gradient of the projection
+        output y (live); frees what the forward kept."""
+        m, t, e = self.m, self.tape, self.m.e
+        N = m.tokens_attended
+        q, kv = N * m.q_width * e, N * m.kv_width * e
+        grad = m.tl * m.Q * e
+        if m.strategy in ZERO3 and m.u > 1:
+            t.temp(2 * grad)
+            t.alloc(q)
+            t.free(grad)
+            grad = q
+        if m.sorted:
+            t.alloc(q)
+            t.free(grad)
+            grad = q
+        if m.strategy in ("ring", "usp", "metp"):
+            dqkv = self.ring_backward(q, kv)
+        else:
+            dqkv = t.alloc(q + 2 * kv)
+            t.temp(m.flash_workspace(m.longest, m.longest))
+        t.free(grad)
+        if m.sorted:  # back to natural order
+            t.alloc(q + 2 * kv)
+            t.free(dqkv)
+            dqkv = q + 2 * kv
+        t.temp(2 * q)  # RoPE's backward products
+        y = m.tl * (m.Q + 2 * m.K) * e
+        t.alloc(y)  # gradient of the fused projection output
+        t.free(dqkv, self.attn_kept)
+        if m.strategy in ZERO3 and m.u > 1:
+            t.temp(2 * y)
+
+    def ring_backward(self, q: int, kv: int) -> int:
+        """Ring attention's backward (once per head group for metp); returns the bytes of
+        dQ, dK, dV left live. Per group: a float32 dQ sum, the K/V stack and its receive buffer,
+        dK/dV sums in flight both ways, and one ring step's row copies and block gradients
+        (worst case: half the queries against all keys)."""
+        m, t, e = self.m, self.tape, self.m.e
+        groups = m.P if m.strategy == "metp" else 1
+        qg, kvg, acc = q // groups, kv // groups, m.a / e
+        chunk = m.longest // m.c  # the longest sequence's rows on this rank
+        left = 0
+        for _ in range(groups):
+            dq = t.alloc(qg * acc)
+            buffers = t.alloc(2 * kvg, 2 * kvg)
+            step = 3 * qg // 2 + qg // 2 + 2 * kvg  # dout, q, out halves; block gradients
+            t.temp(2 * 2 * kvg * acc, step, m.flash_workspace(chunk // 2, chunk, groups))
+            t.free(buffers)
+            dkv = t.alloc(2 * kvg * acc)
+            if acc != 1:  # cast back to the compute dtype
+                t.alloc(qg + 2 * kvg)
+                t.free(dq, dkv)
+                left += qg + 2 * kvg
+            else:
+                left += dq + dkv
+        if groups > 1:  # each group's gradients widened to all heads and summed
+            t.temp(q + 2 * kv)
+        return int(left)
+
+    # -------------------------------------------------------------- the layer
+    def attention_block(self, keep: bool) -> None:
+        """x -> h = x + attention(norm(x)); h stays live."""
+        m, t = self.m, self.tape
+        xn = self.norm_forward()
+        y = self.linear_forward("qkv", m.H, m.Q + 2 * m.K, keep, consumed=xn)
+        o = self.attention_forward(y)
+        out = self.linear_forward("out", m.Q, m.H, keep, consumed=o)
+        t.alloc(self.unit)  # h
+        t.free(out)
+
+    def mlp_block(self, keep: bool, recomputing: bool = False) -> None:
+        """h -> output = h + mlp(norm(h)) (left live). A recomputation stops once the down
+        projection has saved its operands: its output is dropped, nothing after it runs."""
+        m, t = self.m, self.tape
+        hn = self.norm_forward()
+        y = self.linear_forward("gate_up", m.H, 2 * m.F, keep, consumed=hn)
+        self.keep(m.tl * m.F * m.e)  # silu(gate)
+        prod = t.alloc(m.tl * m.F * m.e)  # silu(gate) * up
+        self.done()  # the gate/up output lives on (a local variable) until the MLP returns
+        if recomputing:
+            if m.strategy in ZERO3:  # the gathered weight is kept, the product never made
+                t.alloc(m.F * m.H * m.e)
+            else:  # the product is computed before its operands are saved
+                t.temp(m.T * m.H * m.e if m.strategy == "tp_sp" else self.unit)
+            return
+        out = self.linear_forward("down", m.F, m.H, keep, consumed=prod)
+        self.done(consumed=y)
+        t.alloc(self.unit)
+        t.free(out)
+
+    def run(self, recompute: str) -> tuple[int, int]:
+        """(forward peak, backward peak)."""
+        m, t = self.m, self.tape
+        H, F, e, unit = m.H, m.F, m.e, self.unit
+        self.saving = recompute != "full"
+        self.attention_block(keep=False)
+        self.saving = recompute == "none"
+        self.mlp_block(keep=False)
+        forward_peak = t.peak
+        if recompute == "full":  # only the output stays (x is outside)
+            t.free(t.live - unit)
+        self.saving, t.peak = True, t.live
+        if recompute == "full":
+            self.attention_block(keep=True)
+        if recompute != "none":
+            self.mlp_block(keep=True, recomputing=True)
+        kept = {
+            op: self.kept_operand(op, i, o) if recompute != "none" else 0
+            for op, i, o in (
+                ("qkv", H, m.Q + 2 * m.K), ("out", m.Q, H), ("gate_up", H, 2 * F), ("down", F, H)
+            )
+        }  # fmt: skip
+        self.linear_backward("down", F, H, kept["down"], free_grad=False)  # dy is outside
+        t.free(m.tl * F * e)  # the down projection's saved input
+        t.temp(2 * m.tl * F * e)  # SwiGLU backward products
+        t.alloc(m.tl * 2 * F * e)  # gradient of the gate/up output
+        t.free(2 * m.tl * F * e + m.tl * 2 * F * e)  # input gradient, silu, gate/up output
+        self.linear_backward("gate_up", H, 2 * F, kept["gate_up"])
+        self.norm_backward()
+        t.alloc(unit)  # gradient of h: dy + the MLP branch's
+        t.free(unit, unit)  # the MLP branch's gradient, h
+        self.linear_backward("out", m.Q, H, kept["out"], free_grad=False)
+        out_input = m.tl * m.Q * e  # the out projection's saved input
+        t.free(0 if self.output_shared else out_input)
+        self.attention_backward()
+        t.free(out_input if self.output_shared else 0)  # also saved by the attention
+        self.linear_backward("qkv", H, m.Q + 2 * m.K, kept["qkv"])
+        self.norm_backward()
+        t.alloc(unit)  # dx = gradient of h + the attention branch's
+        return forward_peak, t.peak
