@@ -6,8 +6,9 @@
 
 For every strategy the group supports x recompute mode x token count: one decoder layer's
 forward + backward on a packed micro-batch (`--sequences` sequences of uneven lengths), time
-measured as the slowest rank's median and peak memory by torch's MemTracker (weights, gradients,
-the input, its gradient, activations, temporaries), beside the model's prediction. Without
+measured as the slowest rank's median and peak memory (weights, gradients, the input, its
+gradient, activations, temporaries; torch's MemTracker on CPU, cuda.max_memory_allocated on
+CUDA), beside the model's prediction. Without
 `--profile` the machine is profiled first (as `python -m cost_models.profile` does). The last
 line is exactly:
     time error: median X% worst Y% | memory error: median Z% worst W%
@@ -154,11 +155,13 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--profile", help="a profile from python -m cost_models.profile")
-    p.add_argument("--tokens", default="256,1024,4096,8192")
+    p.add_argument("--tokens", default="256,1024,4096,8192", help="comma-separated token counts")
     p.add_argument("--strategies", default="all", help="comma-separated names, or all")
-    p.add_argument("--recompute", default=",".join(RECOMPUTE_MODES))
+    p.add_argument(
+        "--recompute", default=",".join(RECOMPUTE_MODES), help="comma-separated recompute modes"
+    )
     p.add_argument("--sequences", type=int, default=2, help="sequences per micro-batch")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per cell (median)")
     add_shape_arguments(p)
     args = p.parse_args(argv)
     import paradyse
