@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed._tools.mem_tracker import MemTracker
 
 import paradyse
+from cost_models.profile import add_shape_arguments, int_list, shape_from
 from paradyse import PackedBatch, SwitchableDecoderLayer, init_full_weights
 from parallel_lib import RECOMPUTE_MODES, STRATEGY_NAMES, LayerShape, count_bytes, get_strategy
 
@@ -138,26 +139,12 @@ def _validated(args: argparse.Namespace) -> tuple[LayerShape, list[str], list[in
     unknown = [n for n in names if n not in STRATEGY_NAMES]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGY_NAMES)}")
-    try:
-        token_counts = [int(t) for t in args.tokens.split(",")]
-    except ValueError:
-        raise ValueError(
-            f"--tokens must be comma-separated integers, got {args.tokens!r}"
-        ) from None
+    token_counts = int_list("--tokens", args.tokens)
     for flag, value in (("--tokens", min(token_counts)), ("--repeats", args.repeats),
                         ("--sequences", args.sequences)):  # fmt: skip
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
-    if args.hidden % args.heads:
-        raise ValueError(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
-    shape = LayerShape(
-        hidden=args.hidden,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        ffn_hidden=args.ffn,
-    )
-    return shape, names, token_counts
+    return shape_from(args), names, token_counts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,11 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--strategies", default="all", help="comma-separated names, or all")
     p.add_argument("--recompute", default="none", choices=RECOMPUTE_MODES)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=704)
+    add_shape_arguments(p)  # --hidden --heads --kv-heads --head-dim --ffn --dtype
     args = p.parse_args(argv)
     try:
         shape, names, token_counts = _validated(args)

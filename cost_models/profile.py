@@ -327,6 +327,14 @@ def add_shape_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
 
+def int_list(flag: str, text: str) -> list[int]:
+    """Comma-separated integers of a flag; ValueError, one line naming the flag, otherwise."""
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
 def shape_from(args: argparse.Namespace):
     """The LayerShape of the shape flags; ValueError, one line, for an impossible one."""
     from parallel_lib import LayerShape

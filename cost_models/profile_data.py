@@ -16,7 +16,6 @@ __all__ = ["Profile", "ProfileError", "Curve", "LinkFit", "SCHEMA", "VERSION"]
 
 SCHEMA = "paradyse.cost_profile"
 VERSION = 1
-KINDS = ("all_gather", "reduce_scatter", "all_to_all", "all_reduce", "p2p")
 
 
 class ProfileError(ValueError):

@@ -32,6 +32,7 @@ from .model import CostModel
 from .profile import (
     add_shape_arguments,
     fail,
+    int_list,
     measure_profile,
     shape_from,
     step_times,
@@ -169,12 +170,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         shape = shape_from(args)
-        try:
-            tokens = [int(t) for t in args.tokens.split(",")]
-        except ValueError:
-            raise ValueError(
-                f"--tokens takes comma-separated integers, got {args.tokens!r}"
-            ) from None
+        tokens = int_list("--tokens", args.tokens)
         if min(tokens) < args.sequences:
             raise ValueError(
                 f"--tokens {min(tokens)} cannot hold --sequences {args.sequences} sequences"
