@@ -1,3 +1,32 @@
-"""Layer-wise strategy and recompute selection per micro-batch (DESIGN 7). Pure Python/numpy."""
+"""Layer-wise strategy and recompute selection per micro-batch (DESIGN 7). Pure Python/numpy.
 
-__all__: list[str] = []
+`choose(time, mem, transient, budget, method)` is the pure core: an option index per layer that
+minimises total time with sum(mem) + max(transient) <= budget. `Planner` wraps it with the cost
+model, the options the strategies support, a plan cache and hysteresis, and returns `Plan`s.
+"""
+
+from .choose import METHODS, check_method, choose, parse_option_label
+from .options import CostTables, LayerCosts, Option, config_supports, enumerate_options
+from .planner import HYSTERESIS, Plan, Planner
+from .problem import InfeasibleError, plan_memory, plan_time
+from .units import format_bytes, parse_bytes
+
+__all__ = [
+    "HYSTERESIS",
+    "METHODS",
+    "CostTables",
+    "InfeasibleError",
+    "LayerCosts",
+    "Option",
+    "Plan",
+    "Planner",
+    "check_method",
+    "choose",
+    "config_supports",
+    "enumerate_options",
+    "format_bytes",
+    "parse_bytes",
+    "parse_option_label",
+    "plan_memory",
+    "plan_time",
+]

@@ -1,0 +1,234 @@
+"""Print the plan, predicted time and memory for a machine, a model, a group size, a budget and a
+micro-batch: the question to ask before renting a cluster.
+
+    python -m planners.explain --hardware a100-80g-nvlink --model llama-70b --sp 8 \\
+        --seq-lens 131072,4096 [--memory-budget 80GB] [--dtype bfloat16] [--method exact]
+
+Datasheet rates of the hardware preset unless --profile gives measured ones. Besides the chosen
+plan it prints every method side by side (the exact optimum, the paradyse heuristic, every
+static strategy) and the longest single sequence that fits. Exit 2 for bad arguments, 3 when
+no plan fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cost_models import (
+    CostModel,
+    Hardware,
+    Profile,
+    ProfileError,
+    detect,
+    get_preset,
+    static_memory,
+)
+
+from .choose import check_method
+from .models import MODEL_PRESETS, ModelSpec, get_model
+from .options import LayerCosts, enumerate_options
+from .planner import Plan, Planner
+from .problem import InfeasibleError
+from .units import format_bytes, parse_bytes
+
+__all__ = ["WhatIf", "main", "baseline_methods"]
+
+
+@dataclass
+class WhatIf:
+    """A model on a machine: the shared cost tables and static memory planners are built on."""
+
+    hardware: Hardware
+    model: ModelSpec
+    sp: int
+    dp: int = 1
+    dtype: str = "bfloat16"
+    budget_bytes: int | None = None
+    """Per rank; default the device memory."""
+    profile: Profile | None = None
+    strategies: Sequence[str] | None = None
+    recomputes: Sequence[str] | None = None
+    shard_optimizer: bool = False
+    """ZeRO-1: AdamW state sharded over dp."""
+
+    def __post_init__(self) -> None:
+        if self.sp < 1 or self.dp < 1:
+            raise ValueError(f"sp and dp must be positive, got sp={self.sp}, dp={self.dp}")
+        if self.budget_bytes is None:
+            self.budget_bytes = self.hardware.memory_bytes
+        self.nodes_spanned = -(-self.sp // self.hardware.devices_per_node)
+        options = enumerate_options(self.model, self.sp, self.strategies, self.recomputes)
+        self.costs = LayerCosts(
+            CostModel(self.hardware, self.profile), self.model, self.model.layers, self.sp,
+            options, dtype=self.dtype, vocab=self.model.vocab, nodes_spanned=self.nodes_spanned,
+        )  # fmt: skip
+        self.static = static_memory(
+            self.model, self.model.layers, self.model.vocab, sp=self.sp, dp=self.dp,
+            dtype=self.dtype, shard_optimizer=self.shard_optimizer,
+        )  # fmt: skip
+
+    def planner(self, method: str = "exact", hysteresis: float = 0.0) -> Planner:
+        return Planner(
+            self.costs, self.budget_bytes, static_bytes=self.static.total, method=method,
+            hysteresis=hysteresis,
+        )  # fmt: skip
+
+
+def baseline_methods(options) -> list[str]:
+    """exact, paradyse, then static:NAME for every strategy among the options."""
+    strategies = list(dict.fromkeys(o.strategy for o in options))
+    return ["exact", "paradyse"] + [f"static:{s}" for s in strategies]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m planners.explain",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--hardware", default=None,
+        help="hardware preset (a100-80g-nvlink, h100-sxm, h200, cpu); default: this machine",
+    )  # fmt: skip
+    p.add_argument("--profile", default=None, help="measured cost profile (cost_models.profile)")
+    p.add_argument(
+        "--model", default="llama-70b",
+        help=f"model preset ({', '.join(MODEL_PRESETS)}); the shape flags override its fields",
+    )  # fmt: skip
+    for flag, what in (("--hidden", "model width H"), ("--heads", "query heads"),
+                       ("--kv-heads", "key/value heads"), ("--head-dim", "width of one head"),
+                       ("--ffn", "SwiGLU width F"), ("--layers", "decoder layers"),
+                       ("--vocab", "vocabulary size")):  # fmt: skip
+        p.add_argument(flag, type=int, default=None, help=what)
+    p.add_argument("--sp", type=int, default=None, help="switchable group size (default: a node)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel copies of the group")
+    p.add_argument(
+        "--shard-optimizer", action="store_true", help="shard AdamW state over dp (ZeRO-1)"
+    )
+    p.add_argument(
+        "--memory-budget", default=None, help="per-rank budget, e.g. 80GB (default: device memory)"
+    )
+    p.add_argument(
+        "--seq-lens", required=True, help="the micro-batch's sequence lengths, e.g. 131072,4096"
+    )
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--method", default="exact", help="exact, paradyse or static:STRATEGY[+MODE]")
+    p.add_argument("--strategies", default=None, help="comma-separated strategies to consider")
+    p.add_argument(
+        "--recompute", default=None, choices=["none", "selective", "full"],
+        help="force one recompute mode (default: the planner decides)",
+    )  # fmt: skip
+    p.add_argument("--options", action="store_true", help="also print every option's layer cost")
+    return p
+
+
+def _whatif(args) -> tuple[WhatIf, list[int]]:
+    hardware = get_preset(args.hardware) if args.hardware else detect()
+    profile = Profile.load(args.profile) if args.profile else None
+    model = get_model(
+        args.model, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+        head_dim=args.head_dim, ffn_hidden=args.ffn, layers=args.layers, vocab=args.vocab,
+    )  # fmt: skip
+    try:
+        lens = [int(t) for t in args.seq_lens.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--seq-lens takes comma-separated integers, got {args.seq_lens!r}"
+        ) from None
+    if min(lens) < 1:
+        raise ValueError(f"--seq-lens must be positive, got {args.seq_lens}")
+    check_method(args.method)
+    budget = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget else None
+    whatif = WhatIf(
+        hardware, model, args.sp or hardware.devices_per_node, args.dp, args.dtype, budget,
+        profile, args.strategies.split(",") if args.strategies else None,
+        [args.recompute] if args.recompute else None, args.shard_optimizer,
+    )  # fmt: skip
+    return whatif, lens
+
+
+def _row(method: str, plan: Plan | None, reference: Plan | None, error=None) -> str:
+    if plan is None:
+        longest = f"; longest fitting {error.longest_fitting:,} tokens" if error else ""
+        return (
+            f"{method:<18} {'-':>10} {'-':>7} {format_bytes(error.leanest_bytes):>11}  "
+            f"does not fit{longest}"
+        )
+    ratio = plan.predicted_s / reference.predicted_s if reference is not None else float("nan")
+    return (
+        f"{method:<18} {plan.predicted_s:>10.4f} {ratio:>7.2f} "
+        f"{format_bytes(plan.predicted_peak_bytes):>11}  {plan}"
+    )
+
+
+def report(whatif: WhatIf, lens: list[int], method: str, show_options: bool = False) -> int:
+    """Print the report; the exit status (0, or 3 when `method` finds no plan)."""
+    hw, model, static = whatif.hardware, whatif.model, whatif.static
+    print(
+        f"{hw.name}: {hw.memory_bytes / 1e9:.1f} GB per device; sp={whatif.sp} over "
+        f"{whatif.nodes_spanned} node(s), dp={whatif.dp}, {whatif.dtype}, "
+        f"{'profiled' if whatif.profile else 'datasheet'} rates"
+    )
+    print(f"model {model.describe()}")
+    padded = sum(whatif.costs.signature(lens))
+    print(
+        f"micro-batch: {len(lens)} sequence(s), {sum(lens):,} tokens ({padded:,} padded), "
+        f"longest {max(lens):,}"
+    )
+    print(
+        f"memory per rank: budget {format_bytes(whatif.budget_bytes)}; static "
+        f"{format_bytes(static.total)} (weights {format_bytes(static.weights)}, gradients "
+        f"{format_bytes(static.gradients)}, optimizer {format_bytes(static.optimizer)})"
+    )
+    if show_options:
+        tables = whatif.costs.tables(lens)
+        print(f"\n{'option':<20} {'ms/layer':>10} {'saved':>11} {'transient':>11}")
+        for j, option in enumerate(whatif.costs.options):
+            print(
+                f"{option.name:<20} {tables.time[0, j] * 1e3:>10.2f} "
+                f"{format_bytes(tables.saved[0, j]):>11} {format_bytes(tables.transient[0, j]):>11}"
+            )
+    methods = [method] + [m for m in baseline_methods(whatif.costs.options) if m != method]
+    plans: dict[str, Plan | None] = {}
+    errors: dict[str, InfeasibleError] = {}
+    for m in methods:
+        try:
+            plans[m] = whatif.planner(m).plan(lens)
+        except InfeasibleError as e:
+            plans[m], errors[m] = None, e
+    chosen = plans[method]
+    print()
+    if chosen is None:
+        print(f"no plan ({method}): {errors[method]}")
+    else:
+        print(f"plan ({method}): {chosen}")
+        print(
+            f"predicted: {chosen.predicted_s:.4f} s forward+backward of the layers, peak "
+            f"{format_bytes(chosen.predicted_peak_bytes)} of {format_bytes(whatif.budget_bytes)}"
+        )
+    reference = plans.get("exact")
+    print(f"\n{'method':<18} {'time s':>10} {'x exact':>7} {'peak':>11}  plan")
+    for m in methods:
+        print(_row(m, plans[m], reference, errors.get(m)))
+    longest = whatif.planner(method).longest_fitting()
+    print(f"\nlongest single sequence that fits ({method}): {longest:,} tokens")
+    return 0 if chosen is not None else 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        whatif, lens = _whatif(args)
+        whatif.planner(args.method)  # a static method names an option that exists
+    except (ValueError, ProfileError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    return report(whatif, lens, args.method, args.options)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

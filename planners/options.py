@@ -1,0 +1,172 @@
+"""The options a layer can run (strategy x factorisation x recompute) and their cost tables.
+
+`LayerCosts` prices every option of every layer for a micro-batch through the cost model and
+caches the tables by the batch's length signature, so that several planners (the exact one and
+the baselines, in benchmarks) share one set of cost-model calls.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cost_models import RECOMPUTE_MODES, STRATEGIES, logits_bytes
+from cost_models.counts import check_config, pad_length
+
+__all__ = ["Option", "LayerCosts", "CostTables", "enumerate_options", "config_supports"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run a layer: a strategy (with usp's inner x outer split) and a recompute mode."""
+
+    strategy: str
+    recompute: str = "none"
+    inner: int | None = None
+    """usp only: the all-to-all degree u (the ring runs across P/u)."""
+    outer: int | None = None
+    """usp only: the ring degree P/u."""
+
+    @property
+    def name(self) -> str:
+        """'tp_sp', 'ring+full', 'usp2x4+selective' (u x c): the label plans print."""
+        base = self.strategy + (f"{self.inner}x{self.outer}" if self.inner else "")
+        return base if self.recompute == "none" else f"{base}+{self.recompute}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Supports = Callable[[Option, object, int], tuple[bool, str]]
+
+
+def config_supports(option: Option, shape, P: int) -> tuple[bool, str]:
+    """The cost model's own check (`cost_models.counts.check_config`): what the strategy library
+    refuses. The engine passes parallel_lib's `Strategy.supports` instead."""
+    try:
+        check_config(shape, option.strategy, P, option.recompute, option.inner)
+    except ValueError as error:
+        return False, str(error)
+    return True, ""
+
+
+def enumerate_options(
+    shape,
+    P: int,
+    strategies: Sequence[str] | None = None,
+    recomputes: Sequence[str] | None = None,
+    supports: Supports = config_supports,
+) -> list[Option]:
+    """Every option `supports` allows, in a fixed order (strategies as given, usp once per split
+    u x c with u, c >= 2, then recompute modes). ValueError, one line with the reasons, if none."""
+    strategies = tuple(strategies or STRATEGIES)
+    recomputes = tuple(recomputes or RECOMPUTE_MODES)
+    for name, given, known in (("strategy", strategies, STRATEGIES),
+                               ("recompute mode", recomputes, RECOMPUTE_MODES)):  # fmt: skip
+        unknown = [x for x in given if x not in known]
+        if unknown:
+            raise ValueError(f"unknown {name} {unknown[0]!r}; choose from {', '.join(known)}")
+    options, refused = [], {}
+    for strategy in strategies:
+        splits = [(u, P // u) for u in range(2, P // 2 + 1) if P % u == 0 and P // u >= 2]
+        for inner, outer in splits if strategy == "usp" else [(None, None)]:
+            for recompute in recomputes:
+                option = Option(strategy, recompute, inner, outer)
+                ok, reason = supports(option, shape, P)
+                if ok:
+                    options.append(option)
+                else:
+                    refused.setdefault(strategy, reason)
+        if strategy == "usp" and not splits:
+            refused[strategy] = f"usp needs P = inner x outer with both at least 2, got P={P}"
+    if not options:
+        by_reason: dict[str, list[str]] = {}
+        for strategy, reason in refused.items():
+            by_reason.setdefault(reason.removeprefix(f"{strategy}: "), []).append(strategy)
+        reasons = "; ".join(f"{', '.join(s)}: {r}" for r, s in by_reason.items())
+        sizes = [p for p in range(1, shape.kv_heads + 1) if not (
+            shape.heads % p or shape.kv_heads % p or shape.ffn_hidden % p)]  # fmt: skip
+        raise ValueError(
+            f"no strategy can run this layer on sp={P} ({reasons}); choose sp among {sizes}"
+        )
+    return options
+
+
+@dataclass(frozen=True)
+class CostTables:
+    """One micro-batch's costs: (layers, options) arrays of one rank."""
+
+    signature: tuple[int, ...]
+    """Sorted padded sequence lengths: the batch's length signature."""
+    time: np.ndarray
+    """Forward + backward seconds."""
+    saved: np.ndarray
+    """Bytes saved for the backward."""
+    transient: np.ndarray
+    """Bytes beyond every layer's saved bytes at the layer's worst moment, never less than the
+    LM head's logits (one more transient, live while every layer's saved bytes are)."""
+    head_bytes: int
+
+
+class LayerCosts:
+    """Cost tables of `layers` identical decoder layers on one rank of an sp group of P, for
+    the given options, cached (least recently used) by length signature."""
+
+    def __init__(
+        self,
+        model,
+        shape,
+        layers: int,
+        P: int,
+        options: Sequence[Option],
+        *,
+        dtype: str = "float32",
+        vocab: int = 0,
+        nodes_spanned: int = 1,
+        cache_size: int = 4096,
+    ) -> None:
+        if layers < 1:
+            raise ValueError(f"the model needs at least one layer, got {layers}")
+        self.model, self.shape, self.layers, self.P = model, shape, layers, P
+        self.options = list(options)
+        self.dtype, self.vocab, self.nodes_spanned = dtype, vocab, nodes_spanned
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[int, ...], CostTables] = OrderedDict()
+
+    def signature(self, seq_lens: Sequence[int]) -> tuple[int, ...]:
+        """What the costs depend on: the lengths as the layout pads them, in sorted order."""
+        if not seq_lens:
+            raise ValueError("a micro-batch needs at least one sequence")
+        return tuple(sorted(pad_length(int(n), self.P) for n in seq_lens))
+
+    def tables(self, seq_lens: Sequence[int]) -> CostTables:
+        key = self.signature(seq_lens)
+        found = self._cache.get(key)
+        if found is not None:
+            self._cache.move_to_end(key)
+            return found
+        row_t, row_m, row_tr = [], [], []
+        for option in self.options:
+            cost = self.model.layer_cost(
+                self.shape, option.strategy, option.recompute, key, self.P,
+                dtype=self.dtype, inner=option.inner, nodes_spanned=self.nodes_spanned,
+            )  # fmt: skip
+            row_t.append(cost.time_s)
+            row_m.append(cost.saved_bytes)
+            row_tr.append(cost.transient_bytes)
+        head = logits_bytes(sum(key), self.vocab, self.P) if self.vocab else 0
+        L = self.layers
+        tables = CostTables(
+            signature=key,
+            time=np.tile(np.array(row_t, dtype=np.float64), (L, 1)),
+            saved=np.tile(np.array(row_m, dtype=np.float64), (L, 1)),
+            transient=np.tile(np.maximum(np.array(row_tr, dtype=np.float64), head), (L, 1)),
+            head_bytes=head,
+        )
+        self._cache[key] = tables
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return tables
