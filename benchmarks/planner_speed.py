@@ -7,13 +7,14 @@ Instances: a LLaMA-70B-shaped model with all 80 layers on sp=8 (6 strategies, us
 and 4x2, x 3 recompute modes = 18 options), dp=8 with AdamW state sharded over dp, bf16, the
 preset's memory less 512 MB; micro-batches packed up to 32K tokens from GitHubCode-shaped
 lengths (longer sequences alone) and single GRCh38-shaped sequences. Then the same model with
-every other layer's MLP half as wide (two groups of layers). Times are medians over the
-instances of one call each (after a warm-up); nothing is asserted.
+every other layer's MLP half as wide (two groups of layers). Times are of one call per instance
+(after a warm-up, garbage collector off as in timeit); nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -65,12 +66,18 @@ def instances(hardware, batches, heterogeneous: bool):
 
 
 def timed_choose(instance, method: str):
-    start = time.perf_counter()
+    """(seconds, plan or None) of one call, with the garbage collector off as timeit has it (a
+    full collection, about 0.1 s here, otherwise lands in whichever call it interrupts)."""
+    gc.disable()
     try:
-        plan = choose(*instance, method=method)
-    except InfeasibleError:
-        plan = None
-    return time.perf_counter() - start, plan
+        start = time.perf_counter()
+        try:
+            plan = choose(*instance, method=method)
+        except InfeasibleError:
+            plan = None
+        return time.perf_counter() - start, plan
+    finally:
+        gc.enable()
 
 
 def summary(name: str, instances_) -> list[float]:
