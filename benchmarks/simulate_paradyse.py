@@ -4,7 +4,7 @@ exact planner on the cost model with datasheet rates, no GPU needed.
     python benchmarks/simulate_paradyse.py [--sequences 2000] [--seed 0] [--hardware ...]
 
 Setting (as the paper): one node of 8 x A100-80GB NVLink, bf16, a batch of one sequence per
-step, the paper's 512 MB safety margin; BERT-large-, LLaMA-70B- (8 of 80 layers) and
+step, the paper's 512 MB safety margin (as 512 MiB); BERT-large-, LLaMA-70B- (8 of 80 layers) and
 GPT-3-175B-shaped (8 of 96 layers) models in our layer; length distributions shaped like
 GitHubCode and GRCh38 (`paradyse.lengths`). Per method: the longest trainable sequence, the
 predicted time over the data set and the sequences that do not fit; then the same on 64 GPUs
@@ -27,7 +27,7 @@ from planners import InfeasibleError, format_bytes
 from planners.explain import WhatIf, baseline_methods
 from planners.models import MODEL_PRESETS
 
-SAFETY_MARGIN = 512 * 2**20
+SAFETY_MARGIN = 512 * 2**20  # the paper's 512 MB, read as MiB
 STEPS_PER_OCTAVE = 32
 MODELS = ("bert-large", "llama-70b", "gpt3-175b")
 DATASETS = ("githubcode", "grch38")
@@ -94,9 +94,10 @@ def table(
     ]
     for o in outcomes:
         t, te = totals[o.method], totals["exact"]
+        ratio, saves = (f"{t / te:>8.2f}", f"{1 - te / t:>10.1%}") if te > 0 else ("n/a",) * 2
         lines.append(
             f"  {o.method:<16} {o.longest:>9,} {o.unfit:>6} {o.seconds / 3600:>12.2f} "
-            f"{t / 3600:>11.2f} {t / te:>8.2f} {1 - te / t:>10.1%}"
+            f"{t / 3600:>11.2f} {ratio:>8} {saves:>11}"
         )
     lines.append(f"  ({len(common)} of {n} sequences fit every method: the 'common' column)")
     return "\n".join(lines), totals
@@ -160,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {PAPER[(model, dataset)]}")
             statics = [t for m, t in totals.items() if m.startswith("static:")]
             longest = {o.method: o.longest for o in outcomes}
+            if min(statics) <= 0 or longest["static:tp_sp"] <= 0:
+                headline.append(f"{model}/{dataset}: no sequence fits every method")
+                continue
             headline.append(
                 f"{model}/{dataset}: exact saves {1 - totals['exact'] / min(statics):.1%} vs the "
                 f"best static, {1 - totals['exact'] / max(statics):.1%} vs the worst, "

@@ -6,7 +6,8 @@ and one for GRCh38 (the longest 624K). The shapes between are our assumptions, s
   cut at 309K (source files: most short, a long tail);
 - `grch38`: log-uniform from 16K to 624K tokens (genome windows: all long).
 Each sample holds the data set's longest sequence once, so the tail the planner must handle is
-always there. numpy only (no torch): the planners' benchmarks use it without the engine.
+always there. The module itself needs only numpy (importing it through the `paradyse` package
+loads torch too).
 """
 
 from __future__ import annotations

@@ -9,28 +9,65 @@ in budget - c. The plan that is optimal overall is optimal for the cap equal to 
 transient, so the best over the caps is the optimum.
 
 Each cap's knapsack (least sum of time, sum of mem <= capacity, one option per layer) is solved
-without discretising memory:
-- per layer, only options on the (memory, time) Pareto frontier can be in an optimal plan;
-- the LP relaxation (each layer a convex combination of its frontier's lower convex hull) is
-  solved greedily by time saved per byte; its value bounds every plan from below, and rounding
-  its one fractional layer down, then spending the bytes left, gives a plan that fits;
-- an exact forward search over (memory, time) states, layer by layer, keeps only states on the
-  Pareto frontier whose LP bound for the layers still to choose can beat the best plan found.
-Caps are visited in order of their LP bounds and skipped once the bound cannot beat the best
-plan. The result is the true optimum, to float rounding (1e-12 relative) of the sums.
+without discretising memory. Layers with identical rows are interchangeable, so a plan is how
+many of each group's layers take each option of the group's (memory, time) Pareto frontier:
+- the LP relaxation (`planners.lp`) bounds every plan from below, and its greedy solution,
+  rounded down and improved by single and paired changes, is a plan that fits;
+- an exact search decides the counts one (group, option) at a time and keeps only Pareto states
+  whose LP bound for what is undecided can beat a limit; the limit starts near the LP bound and
+  widens to the best plan so far, the last search being complete.
+Caps are built in order of a cheap bound (each layer's fastest option under the cap, plus the
+least cost of the option a plan needs to have that largest transient) until it cannot beat a
+plan found, then searched in order of their LP bounds until those cannot. Whether a plan fits
+is decided by correctly rounded sums (`problem.saved_sum`), in any order the same. The result
+is the true optimum, to float rounding (1e-12 relative) of the sums of time.
+
+The search is exponential in the worst case (a knapsack is NP-hard). Once the searches have
+considered MAX_CANDIDATES states, the caps still to solve fall back to a dynamic program over
+memory rounded UP to 1/DP_RESOLUTION of the free bytes, whose plan surely fits, and a warning
+says how far from the optimum the result may be (against the LP bounds); the paradyse
+heuristic's plan is taken instead if it is faster, so exact never loses to it. Planner instances
+(identical layers, or a few kinds) stay far below the limit.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-from .problem import RELATIVE_TOLERANCE, Problem
+from .heuristic import solve_paradyse
+from .lp import Steps, hull_steps
+from .problem import RELATIVE_TOLERANCE, Problem, plan_time, saved_sum
 
-__all__ = ["solve_exact"]
+__all__ = ["solve_exact", "SEARCH_LIMITS", "MAX_CANDIDATES", "DP_RESOLUTION"]
 
 SEARCH_LIMITS = (0.02, 0.2, 1.0)
 """Fractions of the gap between a knapsack's LP bound and the best plan so far below which
 successive searches look; the last (1.0) is complete."""
+
+MAX_CANDIDATES = 1_000_000
+"""States the searches of one `choose()` may consider in all; past it, the caps still to solve
+fall back to the rounded-up DP."""
+
+DP_RESOLUTION = 4096
+"""Memory units of the fallback DP."""
+
+
+class _TooManyStates(Exception):
+    pass
+
+
+class _Work:
+    """States the searches of one `solve_exact` may still consider."""
+
+    def __init__(self) -> None:
+        self.left = MAX_CANDIDATES
+
+    def spend(self, states: int) -> None:
+        self.left -= states
+        if self.left < 0:
+            raise _TooManyStates
 
 
 def solve_exact(problem: Problem) -> list[int] | None:
@@ -39,42 +76,94 @@ def solve_exact(problem: Problem) -> list[int] | None:
     available = problem.available
     rows = np.arange(problem.layers)
     fastest = np.lexsort((m, t), axis=1)[:, 0]  # least time, then least memory, per layer
-    if m[rows, fastest].sum() + tr[rows, fastest].max() <= budget:
+    if saved_sum(m[rows, fastest]) + tr[rows, fastest].max() <= budget:
         return fastest.tolist()
     # layers with identical rows are interchangeable: solve per group of them
     content = np.concatenate((t, m, np.where(available, tr, -1.0)), axis=1)
     _, first, group_of = np.unique(content, axis=0, return_index=True, return_inverse=True)
     group_of = group_of.reshape(-1)
     members = [np.flatnonzero(group_of == g) for g in range(first.size)]
-    knapsacks, seen = [], set()
-    for cap in np.unique(tr[available]):
-        allowed = available[first] & (tr[first] <= cap)
-        if not allowed.any(axis=1).all():
-            continue
+    caps = np.unique(tr[available])
+    counts = np.array([len(layers) for layers in members])
+    cheap, lean = _cap_bounds(t[first], m[first], tr[first], available[first], caps, counts)
+    knapsacks, seen, best_time = [], {}, np.inf  # seen: frontiers -> the least cap built
+    for c in np.argsort(cheap, kind="stable").tolist():
+        if cheap[c] >= best_time * (1 - RELATIVE_TOLERANCE):
+            break  # no cap left can beat a plan already found
+        if lean[c] * (1 - RELATIVE_TOLERANCE) + caps[c] > budget:
+            continue  # not even the leanest options fit (decided exactly by _Knapsack below)
+        allowed = available[first] & (tr[first] <= caps[c])
         frontiers = tuple(
             tuple(_frontier(t[r], m[r], a)) for r, a in zip(first, allowed, strict=True)
         )
-        if frontiers in seen:
+        if seen.get(frontiers, np.inf) <= caps[c]:
             continue  # the same options as a smaller cap, with less room: never better
-        seen.add(frontiers)
-        knapsack = _Knapsack(t[first], m[first], frontiers, members, float(cap), budget)
+        seen[frontiers] = caps[c]
+        knapsack = _Knapsack(t[first], m[first], frontiers, members, float(caps[c]), budget)
         if knapsack.feasible:
             knapsacks.append(knapsack)
+            best_time = min(best_time, knapsack.incumbent[1])
     if not knapsacks:
         return None
     best = min((k.incumbent for k in knapsacks), key=lambda plan: plan[1])
+    uncertain = []  # LP bounds of the caps the search gave up on
+    work = _Work()
     for knapsack in sorted(knapsacks, key=lambda k: (k.bound, k.cap)):
         if knapsack.bound >= best[1] * (1 - RELATIVE_TOLERANCE):
             break  # every knapsack left has a bound at least as large
         # Search below a limit close to the LP bound first: optima sit near it, and a tight
         # limit prunes most states. A plan found below a limit is the best of the knapsack.
         gap = best[1] * (1 - RELATIVE_TOLERANCE) - knapsack.bound
-        for fraction in SEARCH_LIMITS:
-            found = knapsack.search(knapsack.bound + fraction * gap)
-            if found is not None:
+        try:
+            for fraction in SEARCH_LIMITS:
+                found = knapsack.search(knapsack.bound + fraction * gap, work)
+                if found is not None:
+                    best = found
+                    break
+        except _TooManyStates:
+            uncertain.append(knapsack.bound)
+            found = knapsack.rounded_dp()
+            if found is not None and found[1] < best[1]:
                 best = found
-                break
+    if uncertain:  # no longer certain: the heuristic's plan, if better, is the one to return
+        heuristic = solve_paradyse(problem)
+        if heuristic is not None and plan_time(problem, heuristic) < best[1]:
+            best = (heuristic, plan_time(problem, heuristic))
+        slack = best[1] / max(min(min(uncertain), best[1]), 1e-300) - 1
+        warnings.warn(
+            f"exact planner: the search passed {MAX_CANDIDATES:,} states on {len(uncertain)} "
+            f"transient cap(s); their plans come from memory rounded up to 1/{DP_RESOLUTION} "
+            f"of the free bytes and are at most {slack:.3%} slower than the optimum",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return best[0]
+
+
+def _cap_bounds(t, m, tr, available, caps, counts) -> tuple[np.ndarray, np.ndarray]:
+    """Per cap c, cheap facts from the options with transient <= c of groups of `counts`
+    identical layers (a row each): a lower bound on the time of a plan whose largest transient
+    is c (each layer's fastest such option, and the least extra time of putting one layer on an
+    option whose transient is c, which that plan needs), and the sum of each layer's leanest
+    such option. inf where a layer has none."""
+    order = np.argsort(np.where(available, tr, np.inf), axis=1, kind="stable")
+    by_transient = np.take_along_axis(np.where(available, tr, np.inf), order, axis=1)
+    fastest = np.minimum.accumulate(np.take_along_axis(t, order, axis=1), axis=1)
+    leanest = np.minimum.accumulate(
+        np.take_along_axis(np.where(available, m, np.inf), order, axis=1), axis=1
+    )
+    rows = np.arange(t.shape[0])[:, None]
+    upto = (by_transient[:, :, None] <= caps[None, None, :]).sum(axis=1) - 1  # (rows, caps)
+    none = upto < 0  # (layers, caps): no option under the cap
+    fast = np.where(none, np.inf, fastest[rows, np.maximum(upto, 0)])
+    lean = np.where(none, np.inf, leanest[rows, np.maximum(upto, 0)])
+    cell_layer, cell_option = np.nonzero(available)
+    cell_cap = np.searchsorted(caps, tr[cell_layer, cell_option])
+    extra = np.full(caps.size, np.inf)
+    np.minimum.at(extra, cell_cap, t[cell_layer, cell_option] - fast[cell_layer, cell_cap])
+    missing = np.where(none.any(axis=0), np.inf, 0.0)
+    fast_sum, lean_sum = counts @ np.where(none, 0.0, fast), counts @ np.where(none, 0.0, lean)
+    return fast_sum + extra + missing, lean_sum + missing
 
 
 class _Knapsack:
@@ -85,21 +174,26 @@ class _Knapsack:
         self.cap, self.budget = cap, budget
         self.options = [list(f) for f in frontiers]
         self.members = members
-        self.layers = int(sum(len(ls) for ls in members))
+        self.counts = np.array([len(ls) for ls in members])
+        self.layers = int(self.counts.sum())
         self.times = [t[g, opts] for g, opts in enumerate(self.options)]
-        lean = np.array([m[g, opts[0]] for g, opts in enumerate(self.options)])
-        counts = np.array([len(ls) for ls in members])
-        self.excess = [m[g, opts] - lean[g] for g, opts in enumerate(self.options)]
         self.mems = [m[g, opts] for g, opts in enumerate(self.options)]
-        self.feasible = self.fits([[0] * n for n in counts])
+        lean = np.array([mem[0] for mem in self.mems])
+        self.excess = [mem - lean[g] for g, mem in enumerate(self.mems)]
+        self.feasible = self.fits([[0] * n for n in self.counts])
         if not self.feasible:
             return
-        self.slack = max(budget - cap - float(lean @ counts), 0.0)
-        self._steps()
+        self.slack = max(budget - cap - saved_sum(lean * self.counts), 0.0)
+        # memory compares are loose by this much (the slack itself is rounded at the budget's
+        # scale); a plan found is then checked exactly by `fits`
+        largest = max(float(e[-1]) for e in self.excess)
+        self.tolerance = RELATIVE_TOLERANCE * max(abs(budget), self.slack, largest, 1e-300)
         self.lean_time = np.array([tl[0] for tl in self.times])
-        self.bound = float(self._lp_bound(counts, np.array([self.slack]))[0])
-        self.incumbent = self._rounded_lp(counts)
-        self._bounds: dict = {}  # (group, option) -> the LP table of what is undecided after it
+        self.hulls = [hull_steps(e, tl) for e, tl in zip(self.excess, self.times, strict=True)]
+        self.bound = self._root_bound()
+        self.incumbent = self._rounded_lp()
+        self._suffix: dict[int, list] = {}  # group -> fixed hull steps of the groups after it
+        self._bounds: dict[tuple[int, int], Steps] = {}
 
     # ------------------------------------------------------------------ plans
     def plan(self, positions) -> list[int]:
@@ -110,52 +204,38 @@ class _Knapsack:
                 choice[layer] = self.options[g][k]
         return choice
 
-    def fits(self, positions) -> bool:
-        """The same sum, in the same order, as `problem.plan_memory` (with the cap as the max)."""
-        per_layer = np.zeros(self.layers)
+    def _per_layer(self, tables, positions) -> np.ndarray:
+        values = np.zeros(self.layers)
         for g, layers in enumerate(self.members):
-            per_layer[layers] = self.mems[g][list(positions[g])]
-        return bool(per_layer.sum() + self.cap <= self.budget)
+            values[layers] = tables[g][list(positions[g])]
+        return values
+
+    def fits(self, positions) -> bool:
+        """`problem.plan_memory`'s test, with the cap for the largest transient."""
+        return saved_sum(self._per_layer(self.mems, positions)) + self.cap <= self.budget
 
     def time_of(self, positions) -> float:
-        per_layer = np.zeros(self.layers)
-        for g, layers in enumerate(self.members):
-            per_layer[layers] = self.times[g][list(positions[g])]
-        return float(per_layer.sum())
+        return float(self._per_layer(self.times, positions).sum())
 
     # ------------------------------------------------------------------ LP relaxation
-    def _steps(self) -> None:
-        """Every group's lower-convex-hull steps (bytes added, time saved), sorted by time saved
-        per byte: the LP relaxation takes them in this order."""
-        group, start, step_e, step_t = [], [], [], []
-        for g, (e, tl) in enumerate(zip(self.excess, self.times, strict=True)):
-            hull = _lower_hull(e, tl)
-            for a, b in zip(hull[:-1], hull[1:], strict=True):
-                group.append(g), start.append((a, b))
-                step_e.append(e[b] - e[a]), step_t.append(tl[a] - tl[b])
-        step_e, step_t = np.array(step_e, dtype=float), np.array(step_t, dtype=float)
-        order = np.argsort(-step_t / step_e, kind="stable") if step_e.size else np.arange(0)
-        self.step_group = np.array(group, dtype=int)[order]
-        self.step_hull = [start[i] for i in order]
-        self.step_e, self.step_t = step_e[order], step_t[order]
+    def _root_bound(self) -> float:
+        steps = Steps([(de, dt, n) for hull, n in zip(self.hulls, self.counts, strict=True)
+                       for _, _, de, dt in hull], [])  # fmt: skip
+        saved = steps.saved(np.zeros(1, dtype=int), np.array([self.slack]))[0]
+        return float(self.lean_time @ self.counts - saved)
 
-    def _lp_bound(self, counts, capacity: np.ndarray) -> np.ndarray:
-        """LP lower bound on the time of `counts[g]` layers of each group given each capacity
-        (bytes above their leanest options)."""
-        mult = counts[self.step_group] if self.step_group.size else np.zeros(0)
-        cum_e = np.concatenate(([0.0], np.cumsum(self.step_e * mult)))
-        cum_t = np.concatenate(([0.0], np.cumsum(self.step_t * mult)))
-        return float(self.lean_time @ counts) - np.interp(capacity, cum_e, cum_t)
-
-    def _rounded_lp(self, counts) -> tuple[list[int], float]:
-        """A plan that fits: the LP's greedy order of steps, each taken by as many layers as the
-        bytes left allow, then improved by the best single or paired change of layers' options
-        (one layer slower and leaner to let another be faster) while one saves time."""
+    def _rounded_lp(self) -> tuple[list[int], float]:
+        """A plan that fits: the LP's steps in order, each taken by as many layers as the bytes
+        left allow, then improved by the best single or paired change of layers' options (one
+        layer slower and leaner to let another be faster) while one saves time."""
         at = [np.zeros(len(e), dtype=np.int64) for e in self.excess]  # layers per frontier index
-        for g, n in enumerate(counts):
+        for g, n in enumerate(self.counts):
             at[g][0] = n
+        steps = [(dt / de, g, a, b, de) for g, hull in enumerate(self.hulls)
+                 for a, b, de, dt in hull]  # fmt: skip
+        steps.sort(key=lambda step: -step[0])
         left = self.slack
-        for g, (a, b), de in zip(self.step_group, self.step_hull, self.step_e, strict=True):
+        for _, g, a, b, de in steps:
             k = min(int(at[g][a]), int(left // de))
             at[g][a] -= k
             at[g][b] += k
@@ -171,63 +251,77 @@ class _Knapsack:
         # faster options on earlier layers of a group (any order costs the same)
         positions = [[k for k in range(len(a) - 1, -1, -1) for _ in range(a[k])] for a in at]
         if not self.fits(positions):  # float rounding at the boundary: the leanest plan fits
-            positions = [[0] * int(n) for n in counts]
+            positions = [[0] * int(n) for n in self.counts]
         return self.plan(positions), self.time_of(positions)
 
-    def _best_move(self, at, left: float):
+    def _best_move(self, at, left: float, pairs: int = 32):
         """The change of one or two layers' options that fits in `left` bytes and saves the most
-        time, as [(group, from, to), ...]; None if none saves time."""
+        time, as [(group, from, to), ...]; None if none saves time. Pairs are tried among the
+        `pairs` upgrades that save most and the `pairs` downgrades that free most per second."""
         moves = [(g, k, k2) for g, a in enumerate(at) for k in np.flatnonzero(a).tolist()
                  for k2 in range(len(a)) if k2 != k]  # fmt: skip
         if not moves:
             return None
         de = np.array([self.excess[g][k2] - self.excess[g][k] for g, k, k2 in moves])
         dt = np.array([self.times[g][k2] - self.times[g][k] for g, k, k2 in moves])
-        pair_e, pair_t = de[:, None] + de[None, :], dt[:, None] + dt[None, :]
-        source = np.array([g * 64 + k for g, k, _ in moves])
-        scarce = np.array([at[g][k] < 2 for g, k, _ in moves])
-        clash = (source[:, None] == source[None, :]) & scarce[:, None]
-        pair_t = np.where(clash | (pair_e > left), np.inf, pair_t)
-        np.fill_diagonal(pair_t, np.inf)
-        single_t = np.where(de <= left, dt, np.inf)
-        i, j = np.unravel_index(int(np.argmin(pair_t)), pair_t.shape)
-        s = int(np.argmin(single_t))
-        best_pair, best_single = pair_t[i, j], single_t[s]
-        threshold = -RELATIVE_TOLERANCE * max(abs(self.lean_time).max(), 1e-300)
-        if min(best_pair, best_single) >= threshold:
-            return None
-        return [moves[s]] if best_single <= best_pair else [moves[i], moves[j]]
+        threshold = -RELATIVE_TOLERANCE * max(float(np.abs(self.lean_time).max()), 1e-300)
+        single = np.where(de <= left, dt, np.inf)
+        best = int(np.argmin(single))
+        result = (float(single[best]), [moves[best]])
+        ups = np.flatnonzero(de > 0)
+        ups = ups[np.argsort(dt[ups], kind="stable")[:pairs]]
+        downs = np.flatnonzero(de < 0)
+        downs = downs[np.argsort(dt[downs] / -de[downs], kind="stable")[:pairs]]
+        if ups.size and downs.size:
+            pair_e = de[ups][:, None] + de[downs][None, :]
+            pair_t = np.where(pair_e <= left, dt[ups][:, None] + dt[downs][None, :], np.inf)
+            for i, j in np.argwhere(np.isfinite(pair_t))[
+                np.argsort(pair_t[np.isfinite(pair_t)], kind="stable")
+            ].tolist():
+                up, down = moves[ups[i]], moves[downs[j]]
+                if pair_t[i, j] >= result[0]:
+                    break
+                if up[:2] != down[:2] or at[up[0]][up[1]] >= 2:  # two layers to move from
+                    result = (float(pair_t[i, j]), [up, down])
+                    break
+        return result[1] if result[0] < threshold else None
 
     # ------------------------------------------------------------------ exact search
-    def search(self, limit: float) -> tuple[list[int], float] | None:
-        """The fastest plan faster than `limit`, or None.
+    def search(self, limit: float, work: _Work) -> tuple[list[int], float] | None:
+        """The fastest plan faster than `limit`, or None; _TooManyStates when `work` runs out.
 
-        Layers of a group are interchangeable, so a plan is how many of each group's layers take
-        each frontier option. The counts are decided one (group, option) at a time, each for 0
-        to the group's layers left (the group's last option takes them all). A state (layers of
-        the group used, memory, time) survives when it is on the Pareto frontier of the states
-        that used as many and its LP bound, over the options and groups still to decide, can
-        beat the limit."""
-        tolerance = RELATIVE_TOLERANCE * max(self.slack, max(e[-1] for e in self.excess))
-        decisions = [(g, k) for g, e in enumerate(self.excess) for k in range(len(e))]
-        counts = np.zeros((1, len(decisions)), dtype=np.int64)
+        A plan is how many of each group's layers take each frontier option. The counts are
+        decided one (group, option) at a time, each for 0 to the group's layers left (the
+        group's last option takes them all); a group of one layer picks its option in one
+        step. A state (layers of the group used, memory, time) survives when it is on the
+        Pareto frontier of the states that used as many and its LP bound, over the options and
+        groups still to decide, can beat the limit."""
+        decisions = [(g, k) for g, e in enumerate(self.excess)
+                     for k in ([None] if self.counts[g] == 1 else range(len(e)))]  # fmt: skip
+        parents = []  # per decision: (the state each survivor extends, its count or option)
         used, mem, time = np.zeros(1, dtype=np.int64), np.zeros(1), np.zeros(1)
-        for d, (g, k) in enumerate(decisions):
-            n, e, tl = len(self.members[g]), self.excess[g], self.times[g]
-            last = k == len(e) - 1
-            if last:  # the group's last option takes every layer left
-                take, state = n - used, np.arange(used.size)
-            else:  # every state once per count 0..(layers left)
-                sizes = n - used + 1
-                state = np.repeat(np.arange(used.size), sizes)
-                take = np.arange(state.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-            u2, m2 = used[state] + take, mem[state] + take * e[k]
-            t2 = time[state] + take * tl[k]
-            bound = t2 + self._bound_after(g, k, n - u2, self.slack - m2)
-            keep = np.flatnonzero((m2 <= self.slack + tolerance) & (bound < limit))
+        for g, k in decisions:
+            n, e, tl = int(self.counts[g]), self.excess[g], self.times[g]
+            if k is None:  # one layer: every state once per option (`take` is the option)
+                state = np.repeat(np.arange(used.size), len(e))
+                take = np.tile(np.arange(len(e)), used.size)
+                u2, m2, t2 = np.full_like(state, n), mem[state] + e[take], time[state] + tl[take]
+                k = len(e) - 1  # what is left to decide is what the last option leaves
+            else:
+                if k == len(e) - 1:  # the group's last option takes every layer left
+                    take, state = n - used, np.arange(used.size)
+                else:  # every state once per count 0..(layers left)
+                    sizes = n - used + 1
+                    state = np.repeat(np.arange(used.size), sizes)
+                    take = np.arange(state.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+                u2, m2 = used[state] + take, mem[state] + take * e[k]
+                t2 = time[state] + take * tl[k]
+            work.spend(state.size)
+            keep = np.flatnonzero(m2 <= self.slack + self.tolerance)
+            keep = keep[t2[keep] + self._bound_after(g, k, n - u2[keep], m2[keep]) < limit]
             if keep.size == 0:
                 return None
-            if last:
+            if k == len(e) - 1:
                 u2 = np.zeros_like(u2)  # the next group starts with none used
             order = keep[np.lexsort((t2[keep], m2[keep], u2[keep]))]
             # Pareto within each value of `used`: time ranks, offset per segment so that one
@@ -237,70 +331,79 @@ class _Knapsack:
             pareto = np.ones(order.size, dtype=bool)
             pareto[1:] = key[1:] < np.minimum.accumulate(key)[:-1]
             order = order[pareto]
-            counts = counts[state[order]]
-            counts[:, d] = take[order]
+            parents.append((state[order], take[order]))
             used, mem, time = u2[order], m2[order], t2[order]
-        best = counts[int(np.argmin(time))]
+        for final in np.argsort(time, kind="stable").tolist():  # the fastest that truly fits
+            positions = self._positions(decisions, parents, final)
+            if self.fits(positions):
+                return self.plan(positions), self.time_of(positions)
+        return None
+
+    def _positions(self, decisions, parents, state: int) -> list[list[int]]:
         positions: list[list[int]] = [[] for _ in self.options]
-        for (g, k), c in zip(decisions, best.tolist(), strict=True):
-            positions[g][:0] = [k] * c  # faster (higher) options first, as in _rounded_lp
+        for (g, k), (state_of, take) in zip(reversed(decisions), reversed(parents), strict=True):
+            if k is None:
+                positions[g] = [int(take[state])]
+            else:
+                positions[g] += [k] * int(take[state])  # faster options first, as _rounded_lp
+            state = int(state_of[state])
+        return positions
+
+    def _bound_after(self, g: int, k: int, left: np.ndarray, mem: np.ndarray) -> np.ndarray:
+        """LP lower bound on the time of what is still undecided after (group g, option k):
+        `left` layers of group g on its options after k and every layer of the later groups,
+        for states holding `mem` bytes above their leanest options; inf where nothing fits."""
+        steps = self._bounds.get((g, k))
+        if steps is None:
+            steps = self._bounds[(g, k)] = self._steps_after(g, k)
+        e, tl = self.excess[g], self.times[g]
+        lean_e, lean_t = (e[k + 1], tl[k + 1]) if k + 1 < len(e) else (0.0, 0.0)
+        capacity = self.slack - mem - left * lean_e
+        later = float(self.lean_time[g + 1 :] @ self.counts[g + 1 :])
+        value = later + left * lean_t - steps.saved(left, np.maximum(capacity, 0.0))
+        outside = capacity < -self.tolerance
+        return np.where(outside, np.inf, value)
+
+    def _steps_after(self, g: int, k: int) -> Steps:
+        """The hull steps of group g's options after k (per layer left) and of the later groups'
+        frontiers (fixed)."""
+        if g not in self._suffix:
+            self._suffix[g] = [(de, dt, int(self.counts[x])) for x in range(g + 1, len(self.hulls))
+                               for _, _, de, dt in self.hulls[x]]  # fmt: skip
+        rest = slice(k + 1, len(self.excess[g]))
+        per = [(de, dt) for _, _, de, dt in hull_steps(self.excess[g][rest], self.times[g][rest])]
+        return Steps(self._suffix[g], per)
+
+    # ------------------------------------------------------------------ bounded fallback
+    def rounded_dp(self) -> tuple[list[int], float] | None:
+        """The best plan with every option's bytes rounded UP to 1/DP_RESOLUTION of the free
+        bytes (so it surely fits), by a dynamic program over layers: O(L K R)."""
+        R = DP_RESOLUTION if self.slack > 0 else 0
+        quantum = self.slack / DP_RESOLUTION if self.slack > 0 else 1.0
+        groups = [g for g, layers in enumerate(self.members) for _ in layers]
+        weights = [np.ceil(self.excess[g] / quantum - 1e-9).astype(np.int64) for g in groups]
+        times = [self.times[g] for g in groups]
+        cols = np.arange(R + 1)
+        tables = [np.zeros(R + 1)]  # tables[i][b]: least time of the last i layers within b
+        for w, tl in zip(reversed(weights), reversed(times), strict=True):
+            usable = w <= R
+            padded = np.concatenate((np.full(R, np.inf), tables[-1]))  # padded[R + b] = F[b]
+            both = padded[(R - w[usable])[:, None] + cols[None, :]] + tl[usable][:, None]
+            tables.append(both.min(axis=0))
+        tables.reverse()
+        if not np.isfinite(tables[0][R]):
+            return None
+        positions: list[list[int]] = [[] for _ in self.options]
+        b = R
+        for i, (w, tl) in enumerate(zip(weights, times, strict=True)):
+            nxt = tables[i + 1]
+            scores = [tl[k] + nxt[b - w[k]] if w[k] <= b else np.inf for k in range(len(w))]
+            k = int(np.argmin(scores))
+            positions[groups[i]].append(k)
+            b -= int(w[k])
         if not self.fits(positions):
             return None
         return self.plan(positions), self.time_of(positions)
-
-    def _bound_after(self, g: int, k: int, left: np.ndarray, room: np.ndarray) -> np.ndarray:
-        """LP lower bound on the time of what is still undecided after (group g, option k):
-        `left` layers of group g on its options after k, and every layer of the later groups,
-        within `room` bytes (above each layer's leanest option); inf where nothing fits."""
-        table = self._bounds.get((g, k))
-        if table is None:
-            table = self._bounds[(g, k)] = self._bound_table(g, k)
-        lean_t, lean_e, cap_fixed, cap_per, saved_fixed, saved_per, later_lean = table
-        capacity = room - left * lean_e
-        outside = capacity < -RELATIVE_TOLERANCE * max(self.slack, 1.0)
-        capacity = np.maximum(capacity, 0.0)
-        edges = cap_fixed[None, :] + left[:, None] * cap_per[None, :]  # (states, steps + 1)
-        saved = saved_fixed[None, :] + left[:, None] * saved_per[None, :]
-        i = (edges <= capacity[:, None]).sum(axis=1) - 1
-        rows = np.arange(left.size)
-        last = i == edges.shape[1] - 1
-        j = np.minimum(i + 1, edges.shape[1] - 1)
-        width = edges[rows, j] - edges[rows, i]
-        frac = np.where(last, 0.0, (capacity - edges[rows, i]) / np.where(last, 1.0, width))
-        total = saved[rows, i] + frac * (saved[rows, j] - saved[rows, i])
-        value = later_lean + left * lean_t - total
-        return np.where(outside, np.inf, value)
-
-    def _bound_table(self, g: int, k: int):
-        """The piecewise-linear LP of (g, k)'s undecided layers: the lower-hull steps of group
-        g's options after k (each taken by every layer left) and of the later groups' frontiers,
-        merged by time saved per byte; edges and savings split into a fixed part and a part per
-        layer left of group g."""
-        e, tl = self.excess[g], self.times[g]
-        rest = slice(k + 1, len(e))
-        steps = []  # (time saved per byte, bytes fixed, bytes per layer left, saved likewise)
-        if k + 1 < len(e):
-            er, tr = e[rest], tl[rest]
-            hull = _lower_hull(er, tr)
-            for a, b in zip(hull[:-1], hull[1:], strict=True):
-                de, dt = er[b] - er[a], tr[a] - tr[b]
-                steps.append((dt / de, 0.0, de, 0.0, dt))
-            lean_e, lean_t = float(er[0]), float(tr[0])
-        else:
-            lean_e = lean_t = 0.0
-        for later in range(g + 1, len(self.excess)):
-            n, el, tll = len(self.members[later]), self.excess[later], self.times[later]
-            hull = _lower_hull(el, tll)
-            for a, b in zip(hull[:-1], hull[1:], strict=True):
-                de, dt = el[b] - el[a], tll[a] - tll[b]
-                steps.append((dt / de, n * de, 0.0, n * dt, 0.0))
-        steps.sort(key=lambda step: -step[0])
-        columns = np.array([s[1:] for s in steps], dtype=float).reshape(-1, 4)
-        cum = np.vstack((np.zeros(4), np.cumsum(columns, axis=0)))
-        later_lean = float(
-            sum(len(self.members[x]) * self.times[x][0] for x in range(g + 1, len(self.excess)))
-        )
-        return lean_t, lean_e, cum[:, 0], cum[:, 1], cum[:, 2], cum[:, 3], later_lean
 
 
 def _frontier(times, mems, allowed) -> list[int]:
@@ -312,18 +415,3 @@ def _frontier(times, mems, allowed) -> list[int]:
         if not kept or times[j] < times[kept[-1]]:
             kept.append(j)
     return kept
-
-
-def _lower_hull(e, t) -> list[int]:
-    """Indices of the lower convex hull of points (e, t), e ascending and t descending."""
-    hull: list[int] = []
-    for k in range(len(e)):
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # b is on or above the chord from a to k: not a vertex
-            if (t[b] - t[a]) * (e[k] - e[a]) >= (t[k] - t[a]) * (e[b] - e[a]):
-                hull.pop()
-            else:
-                break
-        hull.append(k)
-    return hull

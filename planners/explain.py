@@ -114,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seq-lens", required=True, help="the micro-batch's sequence lengths, e.g. 131072,4096"
     )
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype"
+    )
     p.add_argument("--method", default="exact", help="exact, paradyse or static:STRATEGY[+MODE]")
     p.add_argument("--strategies", default=None, help="comma-separated strategies to consider")
     p.add_argument(
@@ -141,9 +143,13 @@ def _whatif(args) -> tuple[WhatIf, list[int]]:
     if min(lens) < 1:
         raise ValueError(f"--seq-lens must be positive, got {args.seq_lens}")
     check_method(args.method)
+    for flag, value in (("--sp", args.sp), ("--dp", args.dp)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
     budget = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget else None
+    sp = hardware.devices_per_node if args.sp is None else args.sp
     whatif = WhatIf(
-        hardware, model, args.sp or hardware.devices_per_node, args.dp, args.dtype, budget,
+        hardware, model, sp, args.dp, args.dtype, budget,
         profile, args.strategies.split(",") if args.strategies else None,
         [args.recompute] if args.recompute else None, args.shard_optimizer,
     )  # fmt: skip
@@ -173,10 +179,11 @@ def report(whatif: WhatIf, lens: list[int], method: str, show_options: bool = Fa
         f"{'profiled' if whatif.profile else 'datasheet'} rates"
     )
     print(f"model {model.describe()}")
-    padded = sum(whatif.costs.signature(lens))
+    tables = whatif.costs.tables(lens)
     print(
-        f"micro-batch: {len(lens)} sequence(s), {sum(lens):,} tokens ({padded:,} padded), "
-        f"longest {max(lens):,}"
+        f"micro-batch: {len(lens)} sequence(s), {sum(lens):,} tokens "
+        f"({sum(tables.signature):,} padded), longest {max(lens):,}; LM-head logits "
+        f"{format_bytes(tables.head_bytes)}"
     )
     print(
         f"memory per rank: budget {format_bytes(whatif.budget_bytes)}; static "
@@ -184,7 +191,6 @@ def report(whatif: WhatIf, lens: list[int], method: str, show_options: bool = Fa
         f"{format_bytes(static.gradients)}, optimizer {format_bytes(static.optimizer)})"
     )
     if show_options:
-        tables = whatif.costs.tables(lens)
         print(f"\n{'option':<20} {'ms/layer':>10} {'saved':>11} {'transient':>11}")
         for j, option in enumerate(whatif.costs.options):
             print(

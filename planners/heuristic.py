@@ -17,38 +17,37 @@ from __future__ import annotations
 
 import numpy as np
 
-from .problem import Problem, plan_memory
+from .problem import Problem, plan_memory, plan_time
 
 __all__ = ["solve_paradyse", "uniform_costs"]
 
 
 def uniform_costs(problem: Problem, j: int) -> tuple[float, float]:
     """(time, memory) of option j on every layer."""
-    return (
-        float(problem.time[:, j].sum()),
-        float(problem.mem[:, j].sum() + problem.transient[:, j].max()),
-    )
+    plan = [j] * problem.layers
+    return plan_time(problem, plan), plan_memory(problem, plan)
 
 
-def _undominated(problem: Problem) -> list[int]:
-    """Options every layer can run, by (time, memory), without the dominated ones."""
+def _undominated(problem: Problem) -> tuple[list[int], dict[int, tuple[float, float]]]:
+    """Options every layer can run, by (time, memory), without the dominated ones; and every
+    such option's (time, memory) on every layer."""
     usable = np.flatnonzero(problem.available.all(axis=0)).tolist()
-    ranked = sorted(usable, key=lambda j: (*uniform_costs(problem, j), j))
+    costs = {j: uniform_costs(problem, j) for j in usable}
     kept: list[int] = []
-    for j in ranked:
-        if not kept or uniform_costs(problem, j)[1] < uniform_costs(problem, kept[-1])[1]:
+    for j in sorted(usable, key=lambda j: (*costs[j], j)):
+        if not kept or costs[j][1] < costs[kept[-1]][1]:
             kept.append(j)
-    return kept
+    return kept, costs
 
 
 def solve_paradyse(problem: Problem) -> list[int] | None:
     """The heuristic's plan, or None when none of the plans it considers fits."""
     L, budget = problem.layers, problem.budget
-    ranked = _undominated(problem)
+    ranked, costs = _undominated(problem)
     if not ranked:
         return None
     fastest = ranked[0]
-    if uniform_costs(problem, fastest)[1] <= budget:
+    if costs[fastest][1] <= budget:
         return [fastest] * L
 
     def prefix(table, j, op=np.cumsum):  # value over layers [0, s) for s = 0..L
@@ -57,21 +56,21 @@ def solve_paradyse(problem: Problem) -> list[int] | None:
     def suffix(table, j, op=np.cumsum):  # value over layers [s, L) for s = 0..L
         return np.concatenate((op(table[::-1, j])[::-1], [0.0]))
 
-    found = []  # (time, rank of the pair, split s)
+    found = []  # (time, then the order the paper visits: i, k, s from L down; i, k, s)
     for a, i in enumerate(ranked):
         t_i, m_i = prefix(problem.time, i), prefix(problem.mem, i)
         tr_i = prefix(problem.transient, i, np.maximum.accumulate)
-        for k in ranked[a + 1 :]:
+        for b, k in enumerate(ranked[a + 1 :]):
             # layers [s, L) on k, for s = L..0: s = L - n after moving n layers
             t_k, m_k = suffix(problem.time, k), suffix(problem.mem, k)
             tr_k = suffix(problem.transient, k, np.maximum.accumulate)
             time = t_i + t_k
-            fits = m_i + m_k + np.maximum(tr_i, tr_k) <= budget
-            if fits.any():
-                splits = np.flatnonzero(fits)[::-1]  # s from L down: the order layers move in
-                s = int(splits[np.argmin(time[splits])])
-                found.append((float(time[s]), len(found), i, k, s))
-    for _, _, i, k, s in sorted(found):
+            # prefix sums round differently from plan_memory's: keep the splits within float
+            # rounding of the budget too, and let plan_memory decide below
+            memory = m_i + m_k + np.maximum(tr_i, tr_k)
+            for s in np.flatnonzero(memory <= budget * (1 + 1e-12) + 1e-300).tolist():
+                found.append((float(time[s]), a, b, -s, i, k, s))
+    for *_, i, k, s in sorted(found):
         plan = [i] * s + [k] * (L - s)
         if plan_memory(problem, plan) <= budget:  # the sums of every method, in one order
             return plan

@@ -16,7 +16,7 @@ import numpy as np
 
 from .choose import check_method, choose, static_columns
 from .options import CostTables, LayerCosts, Option
-from .problem import InfeasibleError
+from .problem import InfeasibleError, saved_sum
 
 __all__ = ["Plan", "Planner"]
 
@@ -147,20 +147,26 @@ class Planner:
         if self._previous is None or self._previous == entry.best:
             return best
         previous = self._make(entry.tables, self._previous, kept=True)
-        fits = previous.predicted_peak_bytes <= self.budget_bytes
+        fits = self._peak(entry.tables, self._previous) <= self.budget_bytes - self.static_bytes
         if fits and previous.predicted_s <= (1 + self.hysteresis) * best.predicted_s:
             return previous
         return best
+
+    @staticmethod
+    def _peak(tables: CostTables, choice) -> float:
+        """The layers' bytes at the step's peak, as `choose()` tests them."""
+        rows, picked = np.arange(len(choice)), list(choice)
+        return saved_sum(tables.saved[rows, picked]) + float(tables.transient[rows, picked].max())
 
     def _make(self, tables: CostTables, choice, kept: bool = False) -> Plan:
         rows = np.arange(len(choice))
         picked = list(choice)
         time = float(tables.time[rows, picked].sum())
-        peak = tables.saved[rows, picked].sum() + tables.transient[rows, picked].max()
+        peak = self._peak(tables, choice)
         return Plan(
             options=tuple(self.options[j] for j in choice),
             predicted_s=time,
-            predicted_peak_bytes=int(np.ceil(peak)) + self.static_bytes,
+            predicted_peak_bytes=int(np.ceil(peak)) + self.static_bytes,  # bytes are whole
             method=self.method,
             signature=tables.signature,
             kept=kept,
@@ -190,8 +196,8 @@ class Planner:
 
     def _search_longest(self, limit: int) -> int:
         step = 2 * self.costs.P
-        most = max(limit // step, 1)
-        if not self.fits([step]):
+        most = limit // step
+        if most < 1 or not self.fits([step]):
             return 0
         low, high = 1, 2  # in units of 2P: low fits, high is the next to try
         while high <= most and self.fits([high * step]):

@@ -10,6 +10,7 @@ option per layer; it fits when sum of its mem + the largest of its transients <=
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from .units import format_bytes
 
-__all__ = ["InfeasibleError", "Problem", "as_problem", "plan_time", "plan_memory"]
+__all__ = ["InfeasibleError", "Problem", "as_problem", "plan_time", "plan_memory", "saved_sum"]
 
 RELATIVE_TOLERANCE = 1e-12
 """Times within this relative distance count as equal (sums of the same floats in other orders)."""
@@ -61,7 +62,7 @@ class InfeasibleError(ValueError):
                 if longest_fitting > 0
                 else "; not even the shortest sequence fits"
             )
-        if static_bytes >= budget_bytes:
+        if static_bytes > 0 and static_bytes >= budget_bytes:
             message += (
                 f"; weights, gradients and optimizer state alone need {format_bytes(static_bytes)}"
                 ": use a larger sp, shard the optimizer over dp, or a larger budget"
@@ -94,7 +95,8 @@ class Problem:
         for cap in np.unique(self.transient[self.available]):
             allowed = self.available & (self.transient <= cap)
             if allowed.any(axis=1).all():
-                best = min(best, cap + np.where(allowed, self.mem, np.inf).min(axis=1).sum())
+                lean = saved_sum(np.where(allowed, self.mem, np.inf).min(axis=1))
+                best = min(best, lean + float(cap))
         return float(best)
 
     def infeasible(self) -> InfeasibleError:
@@ -130,7 +132,7 @@ def as_problem(time, mem, transient, budget: float) -> Problem:
     missing = np.flatnonzero(~available.any(axis=1))
     if missing.size:
         raise ValueError(f"layer {int(missing[0])} has no available option (every time is inf)")
-    if isinstance(budget, bool) or not isinstance(budget, int | float) or math.isnan(budget):
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or math.isnan(budget):
         raise ValueError(f"budget must be a number of bytes, got {budget!r}")
     # unavailable cells get neutral values so that vectorised sums never meet inf - inf
     m = np.where(available, m, 0.0)
@@ -142,8 +144,15 @@ def plan_time(problem: Problem, choice: Sequence[int]) -> float:
     return float(problem.time[np.arange(problem.layers), list(choice)].sum())
 
 
+def saved_sum(values) -> float:
+    """The correctly rounded sum (math.fsum): the same in every order, so that whether a plan
+    fits does not depend on the order its layers are added in."""
+    return math.fsum(np.asarray(values, dtype=np.float64).tolist())
+
+
 def plan_memory(problem: Problem, choice: Sequence[int]) -> float:
-    """Sum of the chosen options' mem + the largest chosen transient."""
+    """Sum of the chosen options' mem + the largest chosen transient: the one test of fitting
+    that every method's plan passes."""
     rows = np.arange(problem.layers)
     picked = list(choice)
-    return float(problem.mem[rows, picked].sum() + problem.transient[rows, picked].max())
+    return saved_sum(problem.mem[rows, picked]) + float(problem.transient[rows, picked].max())

@@ -40,12 +40,12 @@ def test_options_at_p8_are_18_and_match_the_strategy_library() -> None:
     assert names[:3] == ["tp_sp", "tp_sp+selective", "tp_sp+full"]
     assert {"usp2x4", "usp4x2+full", "metp+selective"} <= set(names)
     assert "local" not in {o.strategy for o in options}
-    for P in (1, 2, 4, 8):
-        shape = LayerShape(256, 8, 4, 32, 704)
-        ours = [o.name for o in enumerate_options(shape, P)] if P <= 4 else None
-        if ours is not None:
+    for shape, sizes in ((LayerShape(256, 8, 4, 32, 704), (1, 2, 4)),
+                         (LayerShape(8192, 64, 8, 128, 28672), (1, 2, 4, 8))):  # fmt: skip
+        for P in sizes:
+            ours = [o.name for o in enumerate_options(shape, P)]
             theirs = [o.name for o in enumerate_options(shape, P, supports=library_supports)]
-            assert ours == theirs
+            assert ours == theirs, P
     assert [o.name for o in enumerate_options(LayerShape(256, 8, 4, 32, 704), 1)][:1] == ["local"]
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
 
 from planners import InfeasibleError, choose, plan_memory, plan_time
-from planners.exact import _frontier, _Knapsack
+from planners.exact import _frontier, _Knapsack, _Work
 from planners.problem import as_problem
 
 
@@ -21,6 +22,9 @@ def brute_force(t, m, tr, budget):
     rows = np.arange(L)
     times = t[rows, plans].sum(axis=1)
     memory = m[rows, plans].sum(axis=1) + tr[rows, plans].max(axis=1)
+    # the planners' test of fitting sums exactly (math.fsum): use it where rounding could matter
+    for i in np.flatnonzero(np.abs(memory - budget) <= 1e-9 * max(1.0, abs(budget))):
+        memory[i] = math.fsum(m[rows, plans[i]].tolist()) + tr[rows, plans[i]].max()
     ok = np.isfinite(times) & (memory <= budget)
     if not ok.any():
         return None
@@ -96,17 +100,39 @@ def test_the_exact_search_alone_equals_brute_force() -> None:
             if not knapsack.feasible:
                 assert expected is None
                 continue
-            found = knapsack.search(math.inf)
+            found = knapsack.search(math.inf, _Work())
             assert (found is None) == (expected is None)
             if found is not None:
                 assert found[1] == pytest.approx(expected[0], rel=1e-9, abs=1e-12)
                 assert knapsack.bound <= found[1] * (1 + 1e-12)  # the LP bound is a bound
                 # a limit just above the optimum: the bounds must not prune the path to it
-                tight = knapsack.search(expected[0] * (1 + 1e-9) + 1e-12)
+                tight = knapsack.search(expected[0] * (1 + 1e-9) + 1e-12, _Work())
                 assert tight is not None and tight[1] == pytest.approx(expected[0], rel=1e-9)
-                assert knapsack.search(expected[0] * (1 - 1e-9)) is None
+                assert knapsack.search(expected[0] * (1 - 1e-9), _Work()) is None
                 checked += 1
     assert checked > 300
+
+
+def test_exact_equals_brute_force_when_the_budget_is_a_plans_memory() -> None:
+    """Budgets on the boundary: the memory of a random plan, to the last bit. The optimum may
+    sit exactly there, and no order of summation may turn it away."""
+    rng = np.random.default_rng(99)
+    for index in range(400):
+        t, m, tr, _ = random_instance(rng, index)
+        t = np.where(np.isfinite(t), t, 1.0)  # every plan available, so any can set the budget
+        plan = rng.integers(0, t.shape[1], t.shape[0])
+        budget = plan_memory(as_problem(t, m, tr, 0.0), plan)
+        expected = brute_force(t, m, tr, budget)
+        assert expected is not None
+        found = choose(t, m, tr, budget)
+        problem = as_problem(t, m, tr, budget)
+        assert plan_memory(problem, found) <= budget
+        assert plan_time(problem, found) == pytest.approx(expected[0], rel=1e-9, abs=1e-12), index
+        try:
+            heuristic = choose(t, m, tr, budget, method="paradyse")
+        except InfeasibleError:
+            continue
+        assert plan_time(problem, found) <= plan_time(problem, heuristic) * (1 + 1e-12)
 
 
 def test_exact_fits_a_budget_equal_to_the_leanest_plan() -> None:
@@ -135,7 +161,7 @@ def heuristic_reference(t, m, tr, budget):
 
     def cost(plan):
         rows = np.arange(L)
-        return t[rows, plan].sum(), m[rows, plan].sum() + tr[rows, plan].max()
+        return t[rows, plan].sum(), math.fsum(m[rows, plan].tolist()) + tr[rows, plan].max()
 
     ranked = sorted(usable, key=lambda j: (*cost([j] * L), j))
     kept = []
@@ -252,11 +278,43 @@ def test_unknown_method_is_one_line() -> None:
         choose([[1.0]], [[1.0]], [[0.0]], 2.0, method="greedy")
 
 
-def test_choose_is_deterministic_and_ties_take_the_leaner_or_lower_index() -> None:
+def test_ties_take_the_leaner_option() -> None:
     t = [[1.0, 1.0, 2.0]] * 3
     m = [[2.0, 1.0, 1.0]] * 3
     tr = [[0.0] * 3] * 3
     assert choose(t, m, tr, 100) == [1, 1, 1]  # same time, less memory
-    rng = np.random.default_rng(3)
-    t, m, tr, budget = random_instance(rng, 0)
-    assert all(choose(t, m, tr, budget + 10) == choose(t, m, tr, budget + 10) for _ in range(3))
+
+
+def test_numpy_budgets_are_numbers() -> None:
+    t, m, tr = [[1.0, 2.0]], [[2.0, 1.0]], [[0.0, 0.0]]
+    for budget in (np.int64(2), np.float32(2.0), np.float64(1.5)):
+        assert choose(t, m, tr, budget) == ([0] if budget >= 2 else [1])
+    with pytest.raises(ValueError, match="budget must be a number"):
+        choose(t, m, tr, True)
+    with pytest.raises(InfeasibleError) as caught:
+        choose(t, m, tr, 0)
+    assert "optimizer" not in str(caught.value)  # no static bytes were named
+
+
+def test_past_its_work_limit_the_search_falls_back_to_a_plan_that_fits(monkeypatch) -> None:
+    """Anti-correlated costs over distinct layers, the hard case for a knapsack search: with a
+    tiny work limit the caps fall back to the rounded-up DP, whose plan fits, is within the
+    gap the warning states and is no slower than the heuristic's."""
+    import planners.exact
+
+    monkeypatch.setattr(planners.exact, "MAX_CANDIDATES", 50)
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        x = rng.random((6, 5))
+        t, m, tr = (0.5 + x) * 1e-3, (1.5 - x) * 1e9, rng.random((6, 5)) * 1e8
+        lean = as_problem(t, m, tr, 0).leanest_bytes()
+        budget = lean + 0.5 * (m.max(axis=1).sum() + tr.max() - lean)
+        expected = brute_force(t, m, tr, budget)
+        with pytest.warns(RuntimeWarning, match=r"at most (\d+\.\d+)% slower") as caught:
+            plan = choose(t, m, tr, budget)
+        problem = as_problem(t, m, tr, budget)
+        assert plan_memory(problem, plan) <= budget
+        stated = float(re.search(r"at most (\d+\.\d+)%", str(caught[0].message)).group(1))
+        assert plan_time(problem, plan) <= expected[0] * (1 + stated / 100 + 1e-5)
+        heuristic = choose(t, m, tr, budget, method="paradyse")
+        assert plan_time(problem, plan) <= plan_time(problem, heuristic) * (1 + 1e-12)

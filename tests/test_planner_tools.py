@@ -47,6 +47,7 @@ def test_explain_exits_3_when_nothing_fits_and_2_for_bad_arguments(capsys) -> No
     for args, words in (
         (["--hardware", "tpu", "--seq-lens", "1"], "unknown hardware preset 'tpu'"),
         (["--hardware", "h200", "--sp", "3", "--seq-lens", "1"], "choose sp among"),
+        (["--hardware", "h200", "--sp", "0", "--seq-lens", "1"], "--sp must be a positive"),
         (["--hardware", "h200", "--seq-lens", "8,x"], "--seq-lens takes comma-separated"),
         (["--hardware", "h200", "--seq-lens", "8", "--memory-budget", "lots"], "--memory-budget"),
         (["--hardware", "h200", "--seq-lens", "8", "--method", "static:zero"], "no such option"),
