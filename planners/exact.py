@@ -86,9 +86,9 @@ def solve_exact(problem: Problem) -> list[int] | None:
     caps = np.unique(tr[available])
     counts = np.array([len(layers) for layers in members])
     cheap, lean = _cap_bounds(t[first], m[first], tr[first], available[first], caps, counts)
-    knapsacks, seen, best_time = [], {}, np.inf  # seen: frontiers -> the least cap built
+    knapsacks, seen, best = [], {}, (None, np.inf)  # seen: frontiers -> the least cap built
     for c in np.argsort(cheap, kind="stable").tolist():
-        if cheap[c] >= best_time * (1 - RELATIVE_TOLERANCE):
+        if cheap[c] >= best[1] * (1 - RELATIVE_TOLERANCE):
             break  # no cap left can beat a plan already found
         if lean[c] * (1 - RELATIVE_TOLERANCE) + caps[c] > budget:
             continue  # not even the leanest options fit (decided exactly by _Knapsack below)
@@ -102,10 +102,9 @@ def solve_exact(problem: Problem) -> list[int] | None:
         knapsack = _Knapsack(t[first], m[first], frontiers, members, float(caps[c]), budget)
         if knapsack.feasible:
             knapsacks.append(knapsack)
-            best_time = min(best_time, knapsack.incumbent[1])
+            best = min(best, knapsack.incumbent, key=lambda plan: plan[1])
     if not knapsacks:
         return None
-    best = min((k.incumbent for k in knapsacks), key=lambda plan: plan[1])
     uncertain = []  # LP bounds of the caps the search gave up on
     work = _Work()
     for knapsack in sorted(knapsacks, key=lambda k: (k.bound, k.cap)):
