@@ -20,8 +20,10 @@ $(STAMP): setup.py constraints.txt
 test: setup
 	$(PY) -m pytest -q
 
+# The main job: train the default config on the embedded corpus, NPROC CPU ranks, adaptive planner.
 run: setup
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) benchmarks/strategies.py
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m paradyse.train \
+		--config launch/configs/cpu_tiny.toml --metrics runs/cpu_tiny/metrics.jsonl
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -25,5 +25,6 @@ setup(
     # torch is pinned by constraints.txt in `make setup`; a bare `torch` here would let pip pull a
     # multi-GB CUDA build on machines where the CPU wheel is the one wanted.
     install_requires=["torch>=2.6", "numpy>=1.24"],
+    entry_points={"console_scripts": ["paradyse-train = paradyse.train:main"]},
     extras_require={"test": ["pytest>=8", "ruff>=0.6"], "gpu": ["nvidia-ml-py"]},
 )

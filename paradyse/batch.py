@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -14,6 +15,13 @@ __all__ = ["PackedBatch", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss (padding, the last token of each sequence)."""
+
+
+def _as_ids(seq) -> Tensor:
+    """A sequence of token ids (list, numpy array or tensor) as an int64 CPU tensor."""
+    if isinstance(seq, Tensor):
+        return seq.to("cpu", torch.int64)
+    return torch.as_tensor(np.asarray(seq, dtype=np.int64))
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,7 +65,7 @@ class PackedBatch:
         tokens = torch.full((layout.total_tokens,), pad_id, dtype=torch.int64)
         labels = torch.full((layout.total_tokens,), IGNORE_INDEX, dtype=torch.int64)
         for start, seq in zip(layout.bounds, sequences, strict=False):
-            ids = torch.as_tensor(list(seq), dtype=torch.int64)
+            ids = _as_ids(seq)
             tokens[start : start + len(ids)] = ids
             labels[start : start + len(ids) - 1] = ids[1:]
         local = layout.local_natural_index.cpu()

@@ -100,7 +100,13 @@ class SwitchableDecoderLayer(nn.Module):
         self.mlp_norm = nn.RMSNorm(H, eps=norm_eps, **kw)
         self.mlp_gate_up = nn.Parameter(torch.empty(2 * shape.ffn_hidden // P, H, **kw))
         self.mlp_down = nn.Parameter(torch.empty(shape.ffn_hidden // P, H, **kw))
+        for p in (self.attn_qkv, self.attn_out, self.mlp_gate_up, self.mlp_down):
+            p.sp_sharded = True  # a 1/P shard: its gradient is complete on this rank
         self._checked: set[tuple[str, int]] = set()
+        self.strategy: str | Strategy = "local" if P == 1 else "tp_sp"
+        """What forward() runs when the call names no strategy (the engine sets it per plan)."""
+        self.recompute = "none"
+        """The recompute mode forward() uses when the call names none."""
         self.load_full_weights(init_full_weights(shape, torch.Generator().manual_seed(seed)))
 
     # ------------------------------------------------------------------ weights
@@ -141,13 +147,27 @@ class SwitchableDecoderLayer(nn.Module):
             self._checked.add(key)
         return strat
 
+    def set_option(self, strategy: str | Strategy, recompute: str = "none") -> None:
+        """The strategy and recompute mode of later calls that name none (checked now)."""
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"unknown recompute mode {recompute!r}; choose from {RECOMPUTE_MODES}")
+        self._strategy(strategy)
+        self.strategy, self.recompute = strategy, recompute
+
     def forward(
-        self, x: Tensor, batch, strategy: str | Strategy = "local", recompute: str = "none"
+        self,
+        x: Tensor,
+        batch,
+        strategy: str | Strategy | None = None,
+        recompute: str | None = None,
     ) -> Tensor:
         """x (T/P, H) local tokens in the batch's layout -> (T/P, H).
 
-        recompute: "none"; "selective" (the MLP half is recomputed in backward); "full" (the
+        strategy and recompute default to the layer's own (`set_option`). recompute: "none";
+        "selective" (the MLP half is recomputed in backward); "full" (the
         whole layer is recomputed from x), with torch's non-reentrant checkpointing."""
+        strategy = self.strategy if strategy is None else strategy
+        recompute = self.recompute if recompute is None else recompute
         if recompute not in RECOMPUTE_MODES:
             raise ValueError(f"unknown recompute mode {recompute!r}; choose from {RECOMPUTE_MODES}")
         strat = self._strategy(strategy)

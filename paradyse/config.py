@@ -1,0 +1,255 @@
+"""The run's configuration: dataclasses loaded from TOML (`tomllib`), overridable by `--set`.
+
+Sections: [model] (`ModelConfig`), [data], [optim] (`OptimConfig`), [train], [parallel]. An
+unknown section or key, or a value of the wrong type, is a `ConfigError` whose one line names the
+key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parallel_lib import RECOMPUTE_MODES, STRATEGY_NAMES
+
+from .model import ModelConfig
+from .optim import OptimConfig
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "load_config",
+    "apply_override",
+]
+
+
+DTYPES = ("float32", "bfloat16")
+STRATEGY_CHOICES = ("adaptive", *STRATEGY_NAMES)
+PLANNER_CHOICES = ("exact", "paradyse")
+
+
+class ConfigError(ValueError):
+    """A bad configuration file, key or value; the message is one line saying what to change."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the tokens come from and how steps and micro-batches are cut."""
+
+    source: str = "stdlib"
+    """stdlib (the running Python's standard library sources), files, or synthetic."""
+    path: str = ""
+    """files: a .jsonl file, a text file or a directory of them."""
+    field: str = "text"
+    """files: the JSON key holding each document's text."""
+    tokenizer: str = "bytes"
+    """bytes (byte-level, vocab 256) or a local Hugging Face tokenizer directory."""
+    distribution: str = "githubcode"
+    """synthetic: githubcode or grch38 (paradyse.lengths)."""
+    documents: int = 10000
+    """synthetic: how many documents."""
+    tokens_per_step: int = 12288
+    """Global batch: documents are taken while a step's tokens stay within this."""
+    max_seq_len: int = 4096
+    """Longer documents are split (with a warning) into pieces of at most this many tokens."""
+    tokens_per_rank: int = 2048
+    """Micro-batch budget: padded tokens per rank of the sp group."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop."""
+
+    steps: int = 12
+    """Optimizer steps."""
+    seed: int = 0
+    """Weights and data order."""
+    dtype: str = "float32"
+    """Compute dtype: float32 or bfloat16 (master weights and optimizer state stay float32)."""
+    measure_memory: bool = True
+    """Measure every step's peak memory (MemTracker on CPU, slows CPU steps about 2x)."""
+    metrics: str = ""
+    """JSONL file for one record per step ('' = none)."""
+    progress: bool = True
+    """A progress line per step on rank 0."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be at least 1, got {self.steps}")
+        if self.seed < 0:
+            raise ValueError(f"train.seed must be >= 0, got {self.seed}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallelism and planning."""
+
+    sp: int = 0
+    """Switchable group size (0 = the world size)."""
+    strategy: str = "adaptive"
+    """adaptive (the planner decides per layer and micro-batch) or one strategy everywhere."""
+    planner: str = "exact"
+    """exact or paradyse: the method of adaptive."""
+    recompute: str = ""
+    """none, selective or full forces one mode; '' lets the planner decide."""
+    memory_budget: str = ""
+    """Per-rank budget the planner respects, e.g. 512MiB ('' = the device's memory)."""
+    profile: str = ""
+    """Cost-model profile JSON ('' = datasheet rates). {sp}, {dtype} and {device} are filled
+    in; a missing file is measured on this machine first and written there."""
+
+    def __post_init__(self) -> None:
+        choices = (
+            ("sp", self.sp >= 0, "0 (the world size) or a divisor of the world size"),
+            ("strategy", self.strategy in STRATEGY_CHOICES, ", ".join(STRATEGY_CHOICES)),
+            ("planner", self.planner in PLANNER_CHOICES, ", ".join(PLANNER_CHOICES)),
+            ("recompute", self.recompute in ("", *RECOMPUTE_MODES),
+             "'' (the planner decides), " + ", ".join(RECOMPUTE_MODES)),
+        )  # fmt: skip
+        for key, ok, allowed in choices:
+            if not ok:
+                value = getattr(self, key)
+                raise ValueError(f"parallel.{key} must be {allowed}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(kind) -> str:
+    return getattr(kind, "__name__", str(kind))
+
+
+def _coerce(key: str, value: Any, kind) -> Any:
+    """`value` (from TOML, or a string from --set) as the field's type."""
+    from_text = isinstance(value, str)
+    if typing.get_origin(kind) is tuple:
+        items = value.split(",") if from_text else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        inner = typing.get_args(kind)
+        if len(items) != len(inner):
+            raise ConfigError(f"{key} needs {len(inner)} values, got {value!r}")
+        return tuple(_coerce(key, v, t) for v, t in zip(items, inner, strict=True))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if from_text:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(kind, types.UnionType):
+        return value
+    raise ConfigError(f"{key} must be {_type_name(kind)}, got {value!r}")
+
+
+def _checked(name: str, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """The table's values typed as its section's fields; unknown sections and keys refused."""
+    if name not in _SECTIONS:
+        raise ConfigError(f"unknown config section [{name}] in {where}; sections: "
+                          f"{', '.join(_SECTIONS)}")  # fmt: skip
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{name}] in {where} must be a table of keys")
+    kinds = _field_types(type(_SECTIONS[name]()))
+    for key in values:
+        if key not in kinds:
+            raise ConfigError(
+                f"unknown config key {name}.{key} in {where}; keys of [{name}]: {', '.join(kinds)}"
+            )
+    return {k: _coerce(f"{name}.{k}", v, kinds[k]) for k, v in values.items()}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The defaults, updated by the TOML file at `path` (if any), then by `section.key=value`
+    overrides in order. Keys and types are checked as they come; each section is built (and
+    its values checked together, e.g. heads against kv_heads) once everything is applied."""
+    tables: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    sources = ["the defaults"]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass --config "
+                              "launch/configs/cpu_tiny.toml or another TOML file")  # fmt: skip
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+        sources = [str(path)]
+        for name, values in data.items():
+            checked = _checked(name, values, str(path))
+            tables[name].update(checked)
+    for text in overrides:
+        section, key, value = _split_override(text)
+        checked = _checked(section, {key: value}, f"--set {text}")
+        tables[section].update(checked)
+        sources.append(f"--set {section}.{key}")
+    where = " + ".join(sources)
+    sections = {}
+    for name, values in tables.items():
+        try:
+            sections[name] = type(_SECTIONS[name]())(**values)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{error} (config from {where})") from None
+    return Config(**sections)
+
+
+def _split_override(text: str) -> tuple[str, str, str]:
+    name, sep, value = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"--set {text!r}: write section.key=value, e.g. --set train.steps=10")
+    return section, key.strip(), value.strip()
+
+
+def apply_override(config: Config, section: str, **values: Any) -> Config:
+    """A copy of `config` with fields of one section replaced (values already typed)."""
+    current = getattr(config, section)
+    try:
+        return dataclasses.replace(config, **{section: dataclasses.replace(current, **values)})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+
+
+def config_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """Plain values, for the metrics header and checkpoints."""
+    return {name: dataclasses.asdict(getattr(config, name)) for name in _SECTIONS}

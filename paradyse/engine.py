@@ -1,0 +1,303 @@
+"""The engine (DESIGN 8): per micro-batch pack -> plan -> forward/backward with each layer's
+strategy and recompute mode; per step reduce, clip and step the optimizer.
+
+The loss of every micro-batch is summed over tokens and divided by the global token count of the
+step, so gradients (and the logged loss) do not depend on P, dp or how the step was cut into
+micro-batches. Integrations plug into two seams and never patch the engine: `LayerHooks` (before
+and after each layer's forward, after its backward) and an `OptimizerWrapper` (which layers train
+in a step, where each layer's optimizer state lives between steps).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from parallel_lib import Strategy, get_strategy
+from planners import Option, Plan, Planner
+
+from .batch import PackedBatch
+from .memory import PeakMemory
+from .mesh import Mesh
+from .optim import FlatUnit, OptimConfig, UnitOptimizer, learning_rate
+
+__all__ = ["Engine", "LayerHooks", "OptimizerWrapper", "StepResult", "MicroBatchResult"]
+
+
+class LayerHooks:
+    """Callbacks around every switchable layer; override what you need. `index` is the layer's
+    position in `model.switchable_layers()`."""
+
+    def before_forward(self, index: int, x: Tensor, batch: PackedBatch) -> None:
+        """Called with the layer's input (T/P, H) before it runs."""
+
+    def after_forward(self, index: int, y: Tensor, batch: PackedBatch) -> Tensor | None:
+        """Called with the layer's output; return a tensor to replace it (same shape), or None."""
+
+    def after_backward(self, index: int, grads: dict[str, Tensor]) -> None:
+        """Called once the micro-batch's gradients of the layer's trainable parameters are
+        computed, with those gradients (this micro-batch's contribution, before any reduction)."""
+
+
+class OptimizerWrapper:
+    """Which layers train in a step and where their optimizer state lives (GRASS's seam)."""
+
+    def trainable_layers(self, step: int, layers: int) -> Sequence[int] | None:
+        """Indices of the layers that train in `step`; None: all of them. Layers left out get
+        no weight gradients and no update."""
+        return None
+
+    def state_device(self, index: int, trainable: bool) -> torch.device | str | None:
+        """Where layer `index`'s optimizer state stays between steps; None: with its weights."""
+        return None
+
+
+@dataclass
+class MicroBatchResult:
+    seq_lens: tuple[int, ...]
+    plan: Plan
+    loss_sum: float
+    """This rank's summed token loss."""
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, reduced over the whole world (every rank gets the same numbers except
+    `micro_batches`, which are this rank's dp group's)."""
+
+    step: int
+    loss: float
+    """Mean token loss of the global batch."""
+    loss_tokens: int
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    lr: float
+    step_s: float
+    """Measured seconds of the slowest rank."""
+    predicted_s: float
+    """Cost-model seconds of the layers, forward + backward, of the slowest dp group."""
+    peak_bytes: int
+    """Measured peak of the most loaded rank (0 when not measured)."""
+    predicted_peak_bytes: int
+    """The planner's predicted peak of the most loaded rank (static + saved + transient)."""
+    micro_batches: list[MicroBatchResult] = field(default_factory=list)
+
+
+class Engine:
+    """Trains `model` (built from switchable layers: `model.switchable_layers()`, `model(batch)`
+    -> this rank's summed token loss) on `mesh`, with `planner` choosing every layer's option
+    per micro-batch. Collective: every rank of the mesh constructs it and calls `step`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mesh: Mesh,
+        planner: Planner,
+        optim: OptimConfig | None = None,
+        *,
+        total_steps: int,
+        hooks: Sequence[LayerHooks] = (),
+        optimizer_wrapper: OptimizerWrapper | None = None,
+        measure_memory: bool = True,
+    ) -> None:
+        self.model, self.mesh, self.planner = model, mesh, planner
+        self.optim_config = optim or OptimConfig()
+        self.total_steps, self.measure_memory = total_steps, measure_memory
+        self.hooks, self.wrapper = list(hooks), optimizer_wrapper or OptimizerWrapper()
+        self.layers = list(model.switchable_layers())
+        if len(self.layers) != planner.costs.layers:
+            raise ValueError(
+                f"the planner plans {planner.costs.layers} layers, the model has "
+                f"{len(self.layers)} switchable layers"
+            )
+        self.units = self._units()
+        self.optimizers = [
+            UnitOptimizer(u, self.optim_config, sp_group=mesh.sp_group, dp_group=mesh.dp_group)
+            for u in self.units
+        ]
+        self._strategies: dict[Option, Strategy] = {}
+        self._pending: dict[int, object] = {}
+        self.step_index = 0
+        for i, layer in enumerate(self.layers):
+            if self.hooks:
+                layer.register_forward_pre_hook(partial(self._before_layer, i))
+                layer.register_forward_hook(partial(self._after_layer, i))
+
+    def _units(self) -> list[FlatUnit]:
+        """One flat unit per switchable layer, then one for every other parameter (one per
+        dtype and device, as a flat buffer holds one of each)."""
+        dp = self.mesh.dp
+        in_layers = {id(p) for layer in self.layers for p in layer.parameters()}
+        units = [FlatUnit(f"layer{i}", list(layer.parameters()), dp)
+                 for i, layer in enumerate(self.layers)]  # fmt: skip
+        rest: dict[tuple, list[nn.Parameter]] = {}
+        for p in self.model.parameters():
+            if id(p) not in in_layers:
+                rest.setdefault((p.dtype, p.device), []).append(p)
+        for (dtype, device), params in rest.items():
+            name = "rest" if len(rest) == 1 else f"rest.{dtype}.{device}".replace("torch.", "")
+            units.append(FlatUnit(name, params, dp))
+        return units
+
+    # ------------------------------------------------------------------ hooks
+    def _before_layer(self, index: int, module, args) -> None:
+        x, batch = args[0], args[1]
+        for hook in self.hooks:
+            hook.before_forward(index, x, batch)
+
+    def _after_layer(self, index: int, module, args, output):
+        batch = args[1]
+        for hook in self.hooks:
+            replaced = hook.after_forward(index, output, batch)
+            if replaced is not None:
+                output = replaced
+        if torch.is_grad_enabled():
+            self._watch_backward(index, module)
+        return output
+
+    def _watch_backward(self, index: int, layer: nn.Module) -> None:
+        named = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+        if not named:
+            return
+
+        def fire(grads) -> None:
+            handle = self._pending.pop(index, None)
+            if handle is not None:
+                handle.remove()
+            given = {n: g for (n, _), g in zip(named, grads, strict=True) if g is not None}
+            for hook in self.hooks:
+                hook.after_backward(index, given)
+
+        old = self._pending.pop(index, None)
+        if old is not None:
+            old.remove()
+        self._pending[index] = torch.autograd.graph.register_multi_grad_hook(
+            [p for _, p in named], fire, mode="all"
+        )
+
+    # ------------------------------------------------------------------ plans
+    def strategy_of(self, option: Option) -> Strategy:
+        found = self._strategies.get(option)
+        if found is None:
+            kw = {"inner": option.inner} if option.inner else {}
+            found = self._strategies[option] = get_strategy(option.strategy, **kw)
+        return found
+
+    def apply(self, plan: Plan) -> None:
+        """Set every layer's strategy and recompute mode to the plan's (moves no tensor)."""
+        for layer, option in zip(self.layers, plan.options, strict=True):
+            layer.set_option(self.strategy_of(option), option.recompute)
+
+    # ------------------------------------------------------------------ training
+    def forward_backward(self, sequences: Sequence[Sequence[int]], loss_tokens: int):
+        """One micro-batch: pack, plan, forward, backward of loss / loss_tokens (gradients
+        accumulate). Returns its MicroBatchResult."""
+        mesh = self.mesh
+        batch = PackedBatch.pack(sequences, mesh.sp, mesh.sp_rank, device=mesh.device)
+        plan = self.planner.plan(batch.seq_lens)
+        self.apply(plan)
+        loss_sum = self.model(batch)
+        (loss_sum / loss_tokens).backward()
+        return MicroBatchResult(batch.seq_lens, plan, float(loss_sum.detach()))
+
+    def step(self, micro_batches: Sequence[Sequence[Sequence[int]]], loss_tokens: int):
+        """One optimizer step over this dp group's micro-batches. `loss_tokens`: tokens carrying
+        loss in the whole global batch (every dp group), the loss's denominator."""
+        if loss_tokens < 1:
+            raise ValueError(f"a step needs at least one token with a target, got {loss_tokens}")
+        trainable = self._set_trainable()
+        if self.mesh.world > 1:
+            dist.barrier()
+        start = time.perf_counter()
+        optimizers = [o.optimizer for o in self.optimizers]
+        with PeakMemory(self.mesh.device, self.model, optimizers,
+                        enabled=self.measure_memory) as memory:  # fmt: skip
+            results = []
+            for mb in micro_batches:
+                results.append(self.forward_backward(mb, loss_tokens))
+                memory.next_micro_batch()
+            grad_norm, lr = self._update(trainable)
+        step_s = time.perf_counter() - start
+        self._place_states(trainable)
+        result = self._reduce_metrics(results, loss_tokens, grad_norm, lr, step_s,
+                                      memory.peak_bytes)  # fmt: skip
+        self.step_index += 1
+        return result
+
+    def _set_trainable(self) -> list[bool]:
+        chosen = self.wrapper.trainable_layers(self.step_index, len(self.layers))
+        chosen = None if chosen is None else set(chosen)
+        flags = [chosen is None or i in chosen for i in range(len(self.layers))]
+        flags += [True] * (len(self.units) - len(self.layers))  # the rest always trains
+        for unit, flag in zip(self.units, flags, strict=True):
+            unit.set_trainable(flag)
+        return flags
+
+    def _update(self, trainable: list[bool]) -> tuple[float, float]:
+        """Reduce gradients, clip by the global norm, step AdamW, zero gradients."""
+        active = [o for o, t in zip(self.optimizers, trainable, strict=True) if t]
+        for opt in active:
+            opt.reduce()
+        sharded, replicated = 0.0, 0.0
+        for opt in active:
+            a, b = opt.square_norms()
+            sharded, replicated = sharded + a, replicated + b
+        grad_norm = self._global_norm(sharded, replicated)
+        clip = self.optim_config.grad_clip
+        scale = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
+        lr = learning_rate(self.optim_config, self.step_index, self.total_steps)
+        for opt in active:
+            opt.step(lr, scale)
+        for unit in self.units:
+            unit.zero_grad()
+        return grad_norm, lr
+
+    def _global_norm(self, sharded: float, replicated: float) -> float:
+        """Shards differ over sp (and over dp with ZeRO-1); replicated parts agree over sp."""
+        mesh = self.mesh
+        zero1 = self.optim_config.shard_optimizer and mesh.dp > 1
+        sums = torch.tensor([sharded, replicated], dtype=torch.float64)
+        if zero1:
+            dist.all_reduce(sums, group=mesh.dp_group.pg)
+        if mesh.sp > 1:
+            part = sums[:1].clone()
+            dist.all_reduce(part, group=mesh.sp_group.pg)
+            sums[0] = part[0]
+        return float(sums.sum().sqrt())
+
+    def _place_states(self, trainable: list[bool]) -> None:
+        for i, (opt, flag) in enumerate(zip(self.optimizers, trainable, strict=True)):
+            if i >= len(self.layers):
+                break
+            device = self.wrapper.state_device(i, flag)
+            if device is not None:
+                opt.state_to(torch.device(device))
+
+    def _reduce_metrics(self, results, loss_tokens, grad_norm, lr, step_s, peak) -> StepResult:
+        mesh = self.mesh
+        loss_sum = sum(r.loss_sum for r in results)
+        predicted_s = sum(r.plan.predicted_s for r in results)
+        predicted_peak = max((r.plan.predicted_peak_bytes for r in results), default=0)
+        total = torch.tensor([loss_sum], dtype=torch.float64)
+        worst = torch.tensor([step_s, predicted_s, peak, predicted_peak], dtype=torch.float64)
+        if mesh.world > 1:
+            dist.all_reduce(total)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        return StepResult(
+            step=self.step_index,
+            loss=float(total[0]) / loss_tokens,
+            loss_tokens=loss_tokens,
+            grad_norm=grad_norm,
+            lr=lr,
+            step_s=float(worst[0]),
+            predicted_s=float(worst[1]),
+            peak_bytes=int(worst[2]),
+            predicted_peak_bytes=int(worst[3]),
+            micro_batches=results,
+        )

@@ -1,0 +1,216 @@
+"""A LLaMA-style decoder from switchable layers, with a vocabulary-sharded embedding and LM head.
+
+Every rank of the switchable group holds 1/P of the embedding and LM head rows (the vocabulary
+axis) and 1/P of every layer's weights (the unified layout). The embedding and the head gather
+their rows for the micro-batch (forward all-gather, backward reduce-scatter, like a ZeRO-3
+linear), so both work on this rank's local tokens: the loss is the sum over local tokens, and
+the logits are (T/P, V) on each rank, the bytes `cost_models.logits_bytes` counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from parallel_lib import CommGroup, LayerShape, all_gather_tokens, zero_linear
+
+from .batch import IGNORE_INDEX, PackedBatch
+from .layer import SwitchableDecoderLayer
+
+__all__ = [
+    "ModelConfig",
+    "DecoderModel",
+    "VocabParallelEmbedding",
+    "VocabParallelHead",
+    "mark_sharded",
+    "is_sharded",
+    "layer_seed",
+    "token_loss_sum",
+]
+
+
+def mark_sharded(param: nn.Parameter) -> nn.Parameter:
+    """Mark a parameter as this rank's shard of a whole weight: its gradient is complete on this
+    rank. Unmarked parameters are replicated over the sp group and their gradients are summed
+    over it by the engine."""
+    param.sp_sharded = True
+    return param
+
+
+def is_sharded(param: Tensor) -> bool:
+    return bool(getattr(param, "sp_sharded", False))
+
+
+def layer_seed(seed: int, index: int) -> int:
+    """The weight seed of layer `index` of a model seeded `seed` (distinct per layer and seed)."""
+    return (seed * 1_000_003 + 7919 * (index + 1)) % (1 << 62)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a LLaMA-style decoder (RMSNorm, RoPE, GQA attention, SwiGLU MLP)."""
+
+    hidden: int = 256
+    """Model width H."""
+    heads: int = 8
+    """Query heads."""
+    kv_heads: int = 4
+    """Key/value heads (a divisor of heads)."""
+    head_dim: int = 32
+    """Width of one head."""
+    ffn_hidden: int = 704
+    """SwiGLU intermediate width."""
+    layers: int = 4
+    """Decoder layers."""
+    vocab: int = 256
+    """Vocabulary size (256: byte-level tokens)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+
+    def __post_init__(self) -> None:
+        for key in ("hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "layers", "vocab"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
+        self.shape  # noqa: B018  (validates heads, kv_heads, head_dim)
+
+    @property
+    def shape(self) -> LayerShape:
+        return LayerShape(
+            hidden=self.hidden,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            ffn_hidden=self.ffn_hidden,
+            rope_theta=self.rope_theta,
+        )
+
+    def sp_problem(self, sp: int) -> str | None:
+        """Why a switchable group of `sp` ranks cannot hold this model, or None."""
+        problem = self.shape.layout_problem(sp)
+        if problem:
+            return problem
+        if self.vocab % sp:
+            sizes = [p for p in self.shape.valid_group_sizes() if self.vocab % p == 0]
+            return (
+                f"vocab ({self.vocab}) is not divisible by sp={sp}; choose sp among {sizes} "
+                "or pad the vocabulary"
+            )
+        return None
+
+
+def _vocab_rows(vocab: int, hidden: int, generator: torch.Generator) -> Tensor:
+    """Whole (vocab, hidden) weight drawn in float64, independent of how it is later sharded."""
+    return torch.randn(vocab, hidden, generator=generator, dtype=torch.float64) / math.sqrt(hidden)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding whose rows (the vocabulary) are split over the group; looks up local
+    tokens. forward: all-gather the rows, backward: reduce-scatter their gradient."""
+
+    def __init__(
+        self,
+        vocab: int,
+        hidden: int,
+        group: CommGroup,
+        *,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if vocab % group.size:
+            raise ValueError(f"vocab ({vocab}) is not divisible by the group size {group.size}")
+        self.group = group
+        rows = vocab // group.size
+        whole = _vocab_rows(vocab, hidden, torch.Generator().manual_seed(seed))
+        shard = whole[group.rank * rows : (group.rank + 1) * rows]
+        self.weight = mark_sharded(nn.Parameter(shard.to(dtype=dtype, device=device)))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        # (V/P, H) -> (V, H): every rank's rows, in vocabulary order
+        weight = all_gather_tokens(self.weight, self.group)
+        return F.embedding(input_ids, weight)  # (T/P,) -> (T/P, H)
+
+
+class VocabParallelHead(nn.Module):
+    """The LM head, rows split over the vocabulary like the embedding; logits of local tokens
+    over the whole vocabulary, in float32."""
+
+    def __init__(
+        self,
+        vocab: int,
+        hidden: int,
+        group: CommGroup,
+        *,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if vocab % group.size:
+            raise ValueError(f"vocab ({vocab}) is not divisible by the group size {group.size}")
+        self.group = group
+        rows = vocab // group.size
+        whole = _vocab_rows(vocab, hidden, torch.Generator().manual_seed(seed))
+        shard = whole[group.rank * rows : (group.rank + 1) * rows]
+        self.weight = mark_sharded(nn.Parameter(shard.to(dtype=dtype, device=device)))
+
+    def forward(self, h: Tensor) -> Tensor:
+        # (T/P, H) x whole (V, H) gathered from (V/P, H) shards -> (T/P, V)
+        return zero_linear(h, self.weight, self.group, input_major=False).float()
+
+
+def token_loss_sum(logits: Tensor, batch: PackedBatch) -> Tensor:
+    """Sum of next-token cross-entropy over this rank's local tokens that carry loss."""
+    return F.cross_entropy(logits, batch.labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class DecoderModel(nn.Module):
+    """Embedding -> switchable decoder layers -> RMSNorm -> LM head -> summed token loss.
+
+    Weights are drawn as whole tensors from `seed` and then sharded, so every sp (and P = 1)
+    starts from the same model. `forward(batch)` returns the sum of the loss over this rank's
+    local tokens; each layer runs the strategy and recompute mode the engine set on it."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        group: CommGroup,
+        *,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        problem = config.sp_problem(group.size)
+        if problem:
+            raise ValueError(f"cannot shard the model over sp={group.size}: {problem}")
+        self.config, self.group = config, group
+        kw = {"dtype": dtype, "device": device}
+        H, V = config.hidden, config.vocab
+        self.embedding = VocabParallelEmbedding(V, H, group, seed=layer_seed(seed, -1), **kw)
+        self.layers = nn.ModuleList(
+            SwitchableDecoderLayer(
+                config.shape, group, norm_eps=config.norm_eps, seed=layer_seed(seed, i), **kw
+            )
+            for i in range(config.layers)
+        )
+        self.norm = nn.RMSNorm(H, eps=config.norm_eps, **kw)
+        self.head = VocabParallelHead(V, H, group, seed=layer_seed(seed, config.layers), **kw)
+
+    def switchable_layers(self) -> list[SwitchableDecoderLayer]:
+        """The layers the planner chooses a strategy and recompute mode for, in order."""
+        return list(self.layers)
+
+    def forward(self, batch: PackedBatch) -> Tensor:
+        x = self.embedding(batch.input_ids)  # (T/P, H)
+        for layer in self.layers:
+            x = layer(x, batch)
+        return token_loss_sum(self.head(self.norm(x)), batch)
