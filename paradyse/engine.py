@@ -10,6 +10,7 @@ in a step, where each layer's optimizer state lives between steps).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ class StepResult:
     grad_norm: float
     """Global gradient norm before clipping."""
     lr: float
+    """0 when the step was skipped."""
+    skipped: bool
+    """True when the gradient norm was not finite: no update was made (gradients dropped)."""
     step_s: float
     """Measured seconds of the slowest rank."""
     predicted_s: float
@@ -116,43 +120,66 @@ class Engine:
                 f"the planner plans {planner.costs.layers} layers, the model has "
                 f"{len(self.layers)} switchable layers"
             )
-        self.units = self._units()
+        self.units, self.unit_layers = self._units()
         self.optimizers = [
             UnitOptimizer(u, self.optim_config, sp_group=mesh.sp_group, dp_group=mesh.dp_group)
             for u in self.units
         ]
         self._strategies: dict[Option, Strategy] = {}
         self._pending: dict[int, object] = {}
+        self._handles = []
         self.step_index = 0
         for i, layer in enumerate(self.layers):
             if self.hooks:
-                layer.register_forward_pre_hook(partial(self._before_layer, i))
-                layer.register_forward_hook(partial(self._after_layer, i))
+                self._handles += [
+                    layer.register_forward_pre_hook(partial(self._before_layer, i),
+                                                    with_kwargs=True),
+                    layer.register_forward_hook(partial(self._after_layer, i), with_kwargs=True),
+                ]  # fmt: skip
 
-    def _units(self) -> list[FlatUnit]:
+    def remove_hooks(self) -> None:
+        """Detach the layer hooks from the model (e.g. before building another engine on it)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _units(self) -> tuple[list[FlatUnit], list[int | None]]:
         """One flat unit per switchable layer, then one for every other parameter (one per
-        dtype and device, as a flat buffer holds one of each)."""
+        dtype and device, as a flat buffer holds one of each); with the layer index of each
+        (None for the rest). Parameters that do not require grad when the engine is built are
+        left out: they are never trained, reduced or given optimizer state."""
         dp = self.mesh.dp
         in_layers = {id(p) for layer in self.layers for p in layer.parameters()}
-        units = [FlatUnit(f"layer{i}", list(layer.parameters()), dp)
-                 for i, layer in enumerate(self.layers)]  # fmt: skip
+        units, owners = [], []
+        for i, layer in enumerate(self.layers):
+            params = [p for p in layer.parameters() if p.requires_grad]
+            if params:
+                units.append(FlatUnit(f"layer{i}", params, dp))
+                owners.append(i)
         rest: dict[tuple, list[nn.Parameter]] = {}
         for p in self.model.parameters():
-            if id(p) not in in_layers:
+            if id(p) not in in_layers and p.requires_grad:
                 rest.setdefault((p.dtype, p.device), []).append(p)
         for (dtype, device), params in rest.items():
             name = "rest" if len(rest) == 1 else f"rest.{dtype}.{device}".replace("torch.", "")
             units.append(FlatUnit(name, params, dp))
-        return units
+            owners.append(None)
+        return units, owners
 
     # ------------------------------------------------------------------ hooks
-    def _before_layer(self, index: int, module, args) -> None:
-        x, batch = args[0], args[1]
+    @staticmethod
+    def _call_args(args, kwargs):
+        """(x, batch) of a layer call, given positionally or by keyword."""
+        named = dict(zip(("x", "batch"), args, strict=False)) | kwargs
+        return named["x"], named["batch"]
+
+    def _before_layer(self, index: int, module, args, kwargs) -> None:
+        x, batch = self._call_args(args, kwargs)
         for hook in self.hooks:
             hook.before_forward(index, x, batch)
 
-    def _after_layer(self, index: int, module, args, output):
-        batch = args[1]
+    def _after_layer(self, index: int, module, args, kwargs, output):
+        batch = self._call_args(args, kwargs)[1]
         for hook in self.hooks:
             replaced = hook.after_forward(index, output, batch)
             if replaced is not None:
@@ -215,7 +242,7 @@ class Engine:
         if self.mesh.world > 1:
             dist.barrier()
         start = time.perf_counter()
-        optimizers = [o.optimizer for o in self.optimizers]
+        optimizers = [o.optimizer for o in self.optimizers if o.optimizer is not None]
         with PeakMemory(self.mesh.device, self.model, optimizers,
                         enabled=self.measure_memory) as memory:  # fmt: skip
             results = []
@@ -231,13 +258,29 @@ class Engine:
         return result
 
     def _set_trainable(self) -> list[bool]:
+        """Per unit: does it train this step (the wrapper's choice; the rest always trains)."""
         chosen = self.wrapper.trainable_layers(self.step_index, len(self.layers))
-        chosen = None if chosen is None else set(chosen)
-        flags = [chosen is None or i in chosen for i in range(len(self.layers))]
-        flags += [True] * (len(self.units) - len(self.layers))  # the rest always trains
+        chosen = None if chosen is None else {int(i) for i in chosen}
+        if chosen is not None:
+            self._check_agreed(chosen)
+        flags = [owner is None or chosen is None or owner in chosen for owner in self.unit_layers]
         for unit, flag in zip(self.units, flags, strict=True):
             unit.set_trainable(flag)
         return flags
+
+    def _check_agreed(self, chosen: set[int]) -> None:
+        """Every rank must train the same layers (frozen units skip their collectives)."""
+        if self.mesh.world == 1:
+            return
+        key = sum(1 << i for i in chosen) % ((1 << 61) - 1)
+        both = torch.tensor([key, -key], dtype=torch.int64, device=self.mesh.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        if int(both[0]) != -int(both[1]):
+            raise RuntimeError(
+                f"step {self.step_index}: the optimizer wrapper chose different trainable layers "
+                "on different ranks; trainable_layers must depend only on the step (and on "
+                "values every rank agrees on)"
+            )
 
     def _update(self, trainable: list[bool]) -> tuple[float, float]:
         """Reduce gradients, clip by the global norm, step AdamW, zero gradients."""
@@ -249,6 +292,10 @@ class Engine:
             a, b = opt.square_norms()
             sharded, replicated = sharded + a, replicated + b
         grad_norm = self._global_norm(sharded, replicated)
+        if not math.isfinite(grad_norm):  # every rank sees the same norm: all skip together
+            for unit in self.units:
+                unit.zero_grad()
+            return grad_norm, 0.0
         clip = self.optim_config.grad_clip
         scale = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
         lr = learning_rate(self.optim_config, self.step_index, self.total_steps)
@@ -262,7 +309,7 @@ class Engine:
         """Shards differ over sp (and over dp with ZeRO-1); replicated parts agree over sp."""
         mesh = self.mesh
         zero1 = self.optim_config.shard_optimizer and mesh.dp > 1
-        sums = torch.tensor([sharded, replicated], dtype=torch.float64)
+        sums = torch.tensor([sharded, replicated], dtype=torch.float64, device=mesh.device)
         if zero1:
             dist.all_reduce(sums, group=mesh.dp_group.pg)
         if mesh.sp > 1:
@@ -272,10 +319,10 @@ class Engine:
         return float(sums.sum().sqrt())
 
     def _place_states(self, trainable: list[bool]) -> None:
-        for i, (opt, flag) in enumerate(zip(self.optimizers, trainable, strict=True)):
-            if i >= len(self.layers):
-                break
-            device = self.wrapper.state_device(i, flag)
+        for owner, opt, flag in zip(self.unit_layers, self.optimizers, trainable, strict=True):
+            if owner is None:
+                continue
+            device = self.wrapper.state_device(owner, flag)
             if device is not None:
                 opt.state_to(torch.device(device))
 
@@ -284,8 +331,9 @@ class Engine:
         loss_sum = sum(r.loss_sum for r in results)
         predicted_s = sum(r.plan.predicted_s for r in results)
         predicted_peak = max((r.plan.predicted_peak_bytes for r in results), default=0)
-        total = torch.tensor([loss_sum], dtype=torch.float64)
-        worst = torch.tensor([step_s, predicted_s, peak, predicted_peak], dtype=torch.float64)
+        kw = {"dtype": torch.float64, "device": mesh.device}  # nccl reduces device tensors only
+        total = torch.tensor([loss_sum], **kw)
+        worst = torch.tensor([step_s, predicted_s, peak, predicted_peak], **kw)
         if mesh.world > 1:
             dist.all_reduce(total)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -295,6 +343,7 @@ class Engine:
             loss_tokens=loss_tokens,
             grad_norm=grad_norm,
             lr=lr,
+            skipped=not math.isfinite(grad_norm),
             step_s=float(worst[0]),
             predicted_s=float(worst[1]),
             peak_bytes=int(worst[2]),

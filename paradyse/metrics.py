@@ -1,7 +1,8 @@
 """What a run reports: one JSONL record per step, a progress line on rank 0, and the summary.
 
 Record fields (DESIGN 9, a contract): step, loss, tokens, seq_lens, plan, predicted_s, step_s,
-predicted_peak_bytes, peak_bytes, tokens_per_s; and lr, grad_norm, loss_tokens, split,
+predicted_peak_bytes, peak_bytes, tokens_per_s; and lr, grad_norm, skipped (a non-finite
+gradient norm: no update), loss_tokens, split,
 budget_bytes, micro_batches ([{seq_lens, plan, predicted_s, predicted_peak_bytes}] of rank 0's
 dp group). `plan` joins the micro-batches' plans with " ; ".
 """
@@ -37,6 +38,7 @@ def step_record(result: StepResult, seq_lens: list[int], split: int, budget: flo
         "tokens_per_s": tokens / result.step_s if result.step_s > 0 else None,
         "lr": result.lr,
         "grad_norm": result.grad_norm,
+        "skipped": result.skipped,
         "loss_tokens": result.loss_tokens,
         "split": split,
         "budget_bytes": int(budget),
@@ -126,6 +128,9 @@ def summary_lines(records: list[dict], budget: float, skipped_first: bool = True
         lines.append(f"  {count:>5} x {plan}")
     if len(plans) > 8:
         lines.append(f"  ... and {len(plans) - 8} more")
+    skipped = sum(1 for r in records if r.get("skipped"))
+    if skipped:
+        lines.append(f"{skipped} steps skipped: their gradient norm was not finite")
     lines.append(
         f"step time: predicted vs measured median relative error "
         f"{100 * statistics.median(time_errors):.1f}% (predicted: the layers only)"

@@ -3,8 +3,8 @@
 The parameters of each unit (one switchable layer, or everything else) are views into one flat
 buffer, and so are their gradients: autograd accumulates micro-batches in place, and each
 reduction is one collective per unit. Within a buffer the sp-sharded parameters come first and
-the replicated ones last, so the replicated tail is summed over sp with one all-reduce and the
-two regions get their own weight decay (matrices decayed, norms not).
+the replicated ones after them in one run, summed over sp with one all-reduce; matrices are
+weight-decayed, vectors (norms) not.
 
 Data parallelism sums gradients over dp: an all-reduce, or with `shard_optimizer` a
 reduce-scatter, after which each dp rank updates its 1/dp slice of the flat buffer (its AdamW
@@ -19,14 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from parallel_lib import CommGroup, all_reduce_
+from parallel_lib import CommGroup, all_gather_dim0, all_reduce_, reduce_scatter_dim0
 
 from .model import is_sharded
 
-__all__ = ["OptimConfig", "FlatUnit", "UnitOptimizer", "learning_rate"]
+__all__ = ["OptimConfig", "FlatUnit", "Segment", "UnitOptimizer", "learning_rate", "decays"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +41,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
-    """Decoupled weight decay of the sp-sharded parameters (matrices, embeddings); replicated
-    ones (norm weights, a custom model's unmarked parameters) are not decayed."""
+    """Decoupled weight decay of matrices and embeddings (parameters of 2 or more dims); vectors
+    (norm weights, biases, gates) are not decayed."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
     shard_optimizer: bool = False
@@ -69,15 +68,34 @@ def learning_rate(config: OptimConfig, step: int, total_steps: int) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / (config.warmup_steps + 1)
     span = max(1, total_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    progress = min(1.0, (step - config.warmup_steps) / max(1, span - 1))
     floor = config.lr * config.min_lr_ratio
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def decays(param: Tensor) -> bool:
+    """Weight decay for matrices and embeddings, not for vectors (norm weights, biases, gates)."""
+    return param.dim() >= 2
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of parameters in a flat buffer that reduce and decay alike."""
+
+    start: int
+    stop: int
+    sharded: bool
+    decay: bool
 
 
 class FlatUnit:
     """The parameters of one unit as views into a flat buffer, with a flat gradient buffer.
 
-    Layout: [sharded params | replicated params | padding to a multiple of dp]."""
+    Layout: [sharded, decayed | sharded, not decayed | replicated, not decayed | replicated,
+    decayed | padding to a multiple of dp]: the replicated parameters (summed over sp) are one
+    contiguous run."""
+
+    ORDER = ((True, True), (True, False), (False, False), (False, True))
 
     def __init__(self, name: str, params: Sequence[nn.Parameter], dp: int) -> None:
         if not params:
@@ -86,10 +104,15 @@ class FlatUnit:
         devices = {p.device for p in params}
         if len(dtypes) > 1 or len(devices) > 1:
             raise ValueError(f"unit {name}: parameters must share dtype and device, got {dtypes}")
-        ordered = [p for p in params if is_sharded(p)] + [p for p in params if not is_sharded(p)]
-        self.name, self.params = name, ordered
-        self.sharded_numel = sum(p.numel() for p in ordered if is_sharded(p))
-        self.numel = sum(p.numel() for p in ordered)
+        ordered, self.segments, offset = [], [], 0
+        for sharded, decay in self.ORDER:
+            group = [p for p in params if is_sharded(p) == sharded and decays(p) == decay]
+            size = sum(p.numel() for p in group)
+            if size:
+                self.segments.append(Segment(offset, offset + size, sharded, decay))
+            ordered += group
+            offset += size
+        self.name, self.params, self.numel = name, ordered, offset
         padded = -(-self.numel // dp) * dp
         kw = {"dtype": ordered[0].dtype, "device": ordered[0].device}
         self.data = torch.zeros(padded, **kw)
@@ -104,9 +127,10 @@ class FlatUnit:
                 offset += n
 
     @property
-    def regions(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(start, end) of the sharded and of the replicated parameters in the flat buffer."""
-        return (0, self.sharded_numel), (self.sharded_numel, self.numel)
+    def replicated(self) -> tuple[int, int]:
+        """(start, stop) of the replicated parameters in the flat buffer (empty: start == stop)."""
+        runs = [s for s in self.segments if not s.sharded]
+        return (runs[0].start, runs[-1].stop) if runs else (self.numel, self.numel)
 
     def set_trainable(self, trainable: bool) -> None:
         for p in self.params:
@@ -121,7 +145,9 @@ class UnitOptimizer:
 
     `reduce()` sums the gradient over sp (replicated region) and dp; `square_norms()` gives the
     slice's squared gradient norm by region for global clipping; `step()` updates the slice and
-    brings every dp rank's parameters up to date."""
+    brings every dp rank's parameters up to date. Separate (float32) master weights are copied
+    again from the parameters whenever these changed in place outside the optimizer (e.g.
+    `load_state_dict` after the engine was built)."""
 
     def __init__(
         self,
@@ -144,40 +170,44 @@ class UnitOptimizer:
             if self.separate_master
             else unit.data[self.start : self.stop]
         )
+        self._synced = self._versions()
         self.shard_grad = torch.zeros_like(self.master) if self.sharded else None
         self.pieces = self._pieces()
         groups = []
-        for (lo, hi), decay in self.pieces:
-            param = nn.Parameter(self.master[lo - self.start : hi - self.start], requires_grad=True)
-            groups.append({"params": [param], "weight_decay": config.weight_decay * decay})
+        for piece in self.pieces:
+            view = self.master[piece.start - self.start : piece.stop - self.start]
+            decay = config.weight_decay if piece.decay else 0.0
+            groups.append({"params": [nn.Parameter(view)], "weight_decay": decay})
         self.optim_params = [g["params"][0] for g in groups]
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=True
+        # a ZeRO-1 slice may hold only padding: no optimizer, but the collectives still run
+        self.optimizer = (
+            torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=True)
+            if groups
+            else None
         )
 
-    def _pieces(self) -> list[tuple[tuple[int, int], float]]:
-        """This slice cut at the region boundary: ((start, end), 1 for decayed / 0 for not)."""
+    def _pieces(self) -> list[Segment]:
+        """The unit's segments cut to this rank's slice."""
         pieces = []
-        for (lo, hi), decay in zip(self.unit.regions, (1.0, 0.0), strict=True):
-            lo, hi = max(lo, self.start), min(hi, self.stop)
+        for seg in self.unit.segments:
+            lo, hi = max(seg.start, self.start), min(seg.stop, self.stop)
             if hi > lo:
-                pieces.append(((lo, hi), decay))
+                pieces.append(Segment(lo, hi, seg.sharded, seg.decay))
         return pieces
 
     # ------------------------------------------------------------------ gradients
     def reduce(self) -> None:
         """Sum over sp (replicated parameters) and over dp (every parameter)."""
         unit = self.unit
-        (_, _), (rep_lo, rep_hi) = unit.regions
+        rep_lo, rep_hi = unit.replicated
         if self.sp_group.size > 1 and rep_hi > rep_lo:
             all_reduce_(unit.grad[rep_lo:rep_hi], self.sp_group)
         if self.dp_group.size == 1:
             return
         if self.sharded:
             # (dp * n,) partial per rank -> (n,) summed slice of this dp rank
-            dist.reduce_scatter_tensor(self.shard_grad, unit.grad.float()
-                                       if self.separate_master else unit.grad,
-                                       group=self.dp_group.pg)  # fmt: skip
+            grad = unit.grad.float() if self.separate_master else unit.grad
+            self.shard_grad.copy_(reduce_scatter_dim0(grad, self.dp_group))
         else:
             all_reduce_(unit.grad, self.dp_group)
 
@@ -192,43 +222,54 @@ class UnitOptimizer:
         """Squared gradient norm of this rank's slice: (sharded region, replicated region)."""
         grad = self._slice_grad()
         sums = [0.0, 0.0]
-        for (lo, hi), decay in self.pieces:
-            piece = grad[lo - self.start : hi - self.start]
-            sums[0 if decay else 1] += float(piece.double().square().sum())
+        for piece in self.pieces:
+            part = grad[piece.start - self.start : piece.stop - self.start]
+            sums[0 if piece.sharded else 1] += float(part.double().square().sum())
         return sums[0], sums[1]
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
     def step(self, lr: float, scale: float) -> None:
         """One AdamW step on the slice with gradients multiplied by `scale` (clipping)."""
-        grad = self._slice_grad()
-        for param, ((lo, hi), _) in zip(self.optim_params, self.pieces, strict=True):
-            g = grad[lo - self.start : hi - self.start]
-            param.grad = g * scale if scale != 1.0 else g
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.state_to(self.master.device)  # back from where the wrapper kept it, if elsewhere
-        self.optimizer.step()
-        for param in self.optim_params:
-            param.grad = None
         unit = self.unit
+        if self.separate_master and self._versions() != self._synced:
+            self.master.copy_(unit.data[self.start : self.stop])  # weights loaded since
+        if self.optimizer is not None:
+            grad = self._slice_grad()
+            for param, piece in zip(self.optim_params, self.pieces, strict=True):
+                g = grad[piece.start - self.start : piece.stop - self.start]
+                param.grad = g * scale if scale != 1.0 else g
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.state_to(self.master.device)  # back from where the wrapper kept it, if elsewhere
+            self.optimizer.step()
+            for param in self.optim_params:
+                param.grad = None
         if self.separate_master:
             unit.data[self.start : self.stop].copy_(self.master)
         if self.sharded:
             # (n,) slice per dp rank -> (dp * n,) whole flat buffer
-            mine = unit.data[self.start : self.stop].clone()
-            dist.all_gather_into_tensor(unit.data, mine, group=self.dp_group.pg)
+            unit.data.copy_(all_gather_dim0(unit.data[self.start : self.stop], self.dp_group))
+        self._synced = self._versions()
+
+    def _versions(self) -> list[int]:
+        """In-place writes to the parameters (not to the flat buffer behind them) bump these."""
+        return [p._version for p in self.unit.params]
 
     def state_to(self, device: torch.device) -> None:
-        """Move this unit's optimizer state (moments, and separate master weights) to `device`
-        (the optimizer wrapper's `state_device`, e.g. the CPU for frozen layers); a step
-        moves it back first."""
+        """Move this unit's AdamW moments to `device` (the optimizer wrapper's `state_device`,
+        e.g. the CPU for frozen layers); a step moves them back first. Separate float32 master
+        weights stay with the parameters."""
+        if self.optimizer is None:
+            return
         for state in self.optimizer.state.values():
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.device != device and value.dim() > 0:
                     state[key] = value.to(device)
 
     def state_bytes(self) -> int:
+        if self.optimizer is None:
+            return 0
         total = sum(
             v.numel() * v.element_size()
             for state in self.optimizer.state.values()

@@ -6,13 +6,15 @@ from __future__ import annotations
 import os
 
 from cost_models import CostModel, Hardware, Profile, detect, static_memory
-from cost_models.counts import dtype_name
+from cost_models.counts import dtype_name, itemsize
 from parallel_lib import get_strategy
 from planners import LayerCosts, Option, Planner, enumerate_options
 
 from .model import ModelConfig
 
-__all__ = ["build_planner", "planner_method", "strategy_supports", "ADAPTIVE"]
+__all__ = [
+    "ADAPTIVE", "build_planner", "planner_method", "strategy_supports", "vocab_transient_bytes"
+]  # fmt: skip
 
 ADAPTIVE = "adaptive"
 
@@ -21,6 +23,13 @@ def strategy_supports(option: Option, shape, P: int) -> tuple[bool, str]:
     """parallel_lib's own check of an option (what the engine will actually run)."""
     options = {"inner": option.inner} if option.inner else {}
     return get_strategy(option.strategy, **options).supports(shape, P)
+
+
+def vocab_transient_bytes(config: ModelConfig, dtype: str) -> int:
+    """The embedding's and LM head's whole (vocab, hidden) weight, gathered for a micro-batch,
+    and its dense gradient before the reduce-scatter: live beside the logits in the head's
+    backward, so counted with the static memory."""
+    return 2 * config.vocab * config.hidden * itemsize(dtype)
 
 
 def planner_method(strategy: str, planner: str, recompute: str | None) -> str:
@@ -65,7 +74,7 @@ def build_planner(
     static = static_memory(
         shape, config.layers, config.vocab, sp=sp, dp=dp, dtype=dtype,
         shard_optimizer=shard_optimizer,
-    ).total  # fmt: skip
+    ).total + vocab_transient_bytes(config, dtype)  # fmt: skip
     budget = hardware.memory_bytes if budget_bytes is None else budget_bytes
     return Planner(
         costs, budget, static_bytes=static, method=planner_method(strategy, planner, recompute)

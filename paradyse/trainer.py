@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cost_models import Profile, ProfileError, detect
+from cost_models import Hardware, Profile, ProfileError, detect
 from cost_models.profile import measure_profile
 from parallel_lib import pad_length
 from planners import InfeasibleError, Planner, format_bytes, parse_bytes
@@ -51,19 +51,19 @@ def _rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _same_on_every_rank(profile: Profile) -> Profile:
-    """Rank 0's profile on every rank (as JSON bytes): every rank of an sp group must plan
-    identically, so they must price options with identical numbers."""
+def rank0_value(value, device: torch.device):
+    """Rank 0's JSON-serialisable `value` on every rank (collective). What every rank must
+    agree on (hardware, profile, the outcome of rank 0's file checks) is decided once, there."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return profile
-    data = json.dumps(profile.to_dict()).encode() if dist.get_rank() == 0 else b""
-    size = torch.tensor([len(data)], dtype=torch.int64)
+        return value
+    data = json.dumps(value).encode() if dist.get_rank() == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     dist.broadcast(size, 0)
-    buffer = torch.zeros(int(size), dtype=torch.uint8)
+    buffer = torch.zeros(int(size), dtype=torch.uint8, device=device)
     if dist.get_rank() == 0:
         buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     dist.broadcast(buffer, 0)
-    return Profile.from_dict(json.loads(buffer.numpy().tobytes()), source="rank 0's profile")
+    return json.loads(buffer.cpu().numpy().tobytes())
 
 
 class Trainer:
@@ -109,8 +109,9 @@ class Trainer:
                 else None  # fmt: skip
         except ValueError as error:
             raise RunError(str(error)) from None
+        self.writer = self._metrics_writer()
         profile = self._profile()
-        hardware = detect()
+        hardware = Hardware.from_dict(rank0_value(detect().to_dict(), mesh.device))
         self.budget_bytes = float(self.budget if self.budget is not None else hardware.memory_bytes)
         self.planner = self._planner(par.strategy, par.planner, profile, hardware)
         self.split_len = self._split_length(profile, hardware)
@@ -132,31 +133,69 @@ class Trainer:
         self.split_documents = 0
 
     # ------------------------------------------------------------------ set-up
+    def _metrics_writer(self) -> MetricsWriter:
+        """Rank 0 opens train.metrics now, so a bad path fails before any work (on every rank)."""
+        path, error, writer = self.config.train.metrics, None, MetricsWriter(None)
+        if path and self.mesh.rank == 0:
+            try:
+                writer = MetricsWriter(path)
+            except OSError as e:
+                error = f"cannot write the metrics file {path!r} ({e.strerror or e}): set --metrics"
+        error = rank0_value(error, self.mesh.device)
+        if error:
+            raise RunError(error)
+        return writer
+
     def _profile(self) -> Profile | None:
-        """The cost-model profile named by parallel.profile, measured here first if missing."""
+        """The cost-model profile named by parallel.profile, measured here first if missing.
+        Rank 0 reads (or measures and writes) it and every rank uses rank 0's numbers."""
         template = self.config.parallel.profile
         if not template:
             return None
-        mesh = self.mesh
-        path = Path(template.format(sp=mesh.sp, dtype=self.config.train.dtype,
-                                    device=mesh.device.type))  # fmt: skip
-        if not path.exists():
-            if _rank0():
-                self.log(f"no cost-model profile at {path}: measuring this machine (sp={mesh.sp})")
-            start = time.perf_counter()
-            max_tokens = max(64, min(8192, self.config.data.max_seq_len))
-            profile = measure_profile(mesh, self.config.model.shape, self.dtype, max_tokens)
-            if _rank0():
-                path.parent.mkdir(parents=True, exist_ok=True)
+        mesh, dtype_name = self.mesh, self.config.train.dtype
+        try:
+            path = Path(template.format(sp=mesh.sp, dtype=dtype_name, device=mesh.device.type))
+        except (KeyError, IndexError, ValueError) as error:
+            raise RunError(
+                f"parallel.profile {template!r}: only {{sp}}, {{dtype}} and {{device}} can be "
+                f"filled in ({type(error).__name__}: {error})"
+            ) from None
+        found = None
+        if mesh.rank == 0:
+            found = self._read_profile(path)
+        found = rank0_value(found, mesh.device)
+        if "error" in found:
+            raise RunError(found["error"])
+        if "profile" in found:
+            return Profile.from_dict(found["profile"], source=str(path))
+        if mesh.rank == 0:
+            self.log(f"no cost-model profile at {path}: measuring this machine (sp={mesh.sp})")
+        start = time.perf_counter()
+        max_tokens = max(64, min(8192, self.config.data.max_seq_len))
+        profile = measure_profile(mesh, self.config.model.shape, self.dtype, max_tokens)
+        if mesh.rank == 0:
+            try:
                 profile.save(path)
                 self.log(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
-            return _same_on_every_rank(profile)
+            except (OSError, ProfileError) as error:
+                self.warn(f"warning: could not write the profile to {path}: {error}")
+        return Profile.from_dict(rank0_value(profile.to_dict(), mesh.device), source=str(path))
+
+    def _read_profile(self, path: Path) -> dict:
+        """{'profile': ...}, {'measure': True} (and its folder exists) or {'error': ...}."""
+        if path.exists():
+            try:
+                profile = Profile.load(path)
+                profile.check_matches(dtype=self.config.train.dtype, sp=self.mesh.sp)
+            except ProfileError as error:
+                return {"error": f"parallel.profile: {error}"}
+            return {"profile": profile.to_dict()}
         try:
-            profile = Profile.load(path)
-            profile.check_matches(dtype=self.config.train.dtype, sp=mesh.sp)
-        except ProfileError as error:
-            raise RunError(f"parallel.profile: {error}") from None
-        return _same_on_every_rank(profile)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            return {"error": f"parallel.profile {str(path)!r}: cannot create its folder "
+                             f"({error.strerror or error})"}  # fmt: skip
+        return {"measure": True}
 
     def _planner(self, strategy: str, method: str, profile, hardware) -> Planner:
         par = self.config.parallel
@@ -256,7 +295,7 @@ class Trainer:
         train = self.config.train
         steps = train.steps if steps is None else steps
         rank0 = self.mesh.rank == 0
-        writer = MetricsWriter(train.metrics if rank0 else None)
+        writer = self.writer
         progress = Progress(steps, enabled=train.progress and rank0)
         warned = False
         try:

@@ -191,3 +191,53 @@ def test_optimizer_wrapper_freezes_layers_and_places_state() -> None:
         assert (0, False) in rank["asked"] and (0, True) in rank["asked"]
         assert all(n > 0 for n in rank["state"])  # layer 0's AdamW state exists after step 2
         assert all(p and p > 0 for p in rank["peaks"])  # measured, frozen parameters and all
+
+
+class Poison(LayerHooks):
+    """Turns layer 0's output into NaN in the first micro-batch of step 0 only."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def after_forward(self, index, y, batch):
+        if index == 0 and not self.done:
+            self.done = True
+            return y * float("nan")
+        return None
+
+
+def _poisoned() -> dict:
+    trainer = Trainer(_config("train.steps=2"), mesh=mesh_for(2), hooks=[Poison()],
+                      log=lambda *_: None)  # fmt: skip
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    first = trainer.train_step()
+    same = all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    second = trainer.train_step()
+    return {"first": first, "unchanged": same, "second": second}
+
+
+def test_a_step_with_non_finite_gradients_is_skipped() -> None:
+    for rank in run_distributed(2, _poisoned):
+        assert rank["first"]["skipped"] and rank["unchanged"]
+        assert not rank["second"]["skipped"]
+        assert torch.isfinite(torch.tensor(rank["second"]["loss"]))
+
+
+class RankDependent(OptimizerWrapper):
+    def trainable_layers(self, step, layers):
+        return [int(torch.distributed.get_rank()) % layers]
+
+
+def _disagreeing() -> str:
+    trainer = Trainer(_config(), mesh=mesh_for(2), optimizer_wrapper=RankDependent(),
+                      log=lambda *_: None)  # fmt: skip
+    try:
+        trainer.train_step()
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+def test_wrappers_that_disagree_across_ranks_fail_clearly() -> None:
+    for message in run_distributed(2, _disagreeing):
+        assert "different trainable layers on different ranks" in message

@@ -255,6 +255,9 @@ def test_impossible_budget_exits_3():
         (["--config", "/nonexistent.toml"], "/nonexistent.toml"),
         (["--sp", "3"], "sp"),
         (["--memory-budget", "lots"], "--memory-budget"),
+        (["--metrics", "/"], "metrics file"),
+        (["--profile", "p-{host}.json"], "{sp}, {dtype} and {device}"),
+        (["--steps", "0"], "train.steps"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, args, names):
