@@ -105,14 +105,9 @@ class ModelConfig:
         return None
 
 
-def _vocab_rows(vocab: int, hidden: int, generator: torch.Generator) -> Tensor:
-    """Whole (vocab, hidden) weight drawn in float64, independent of how it is later sharded."""
-    return torch.randn(vocab, hidden, generator=generator, dtype=torch.float64) / math.sqrt(hidden)
-
-
-class VocabParallelEmbedding(nn.Module):
-    """Token embedding whose rows (the vocabulary) are split over the group; looks up local
-    tokens. forward: all-gather the rows, backward: reduce-scatter their gradient."""
+class _VocabSharded(nn.Module):
+    """A (vocab, hidden) weight stored as this rank's 1/P block of rows (vocabulary order),
+    drawn whole in float64 from `seed` so that every P starts from the same weight."""
 
     def __init__(
         self,
@@ -129,9 +124,15 @@ class VocabParallelEmbedding(nn.Module):
             raise ValueError(f"vocab ({vocab}) is not divisible by the group size {group.size}")
         self.group = group
         rows = vocab // group.size
-        whole = _vocab_rows(vocab, hidden, torch.Generator().manual_seed(seed))
-        shard = whole[group.rank * rows : (group.rank + 1) * rows]
+        generator = torch.Generator().manual_seed(seed)
+        whole = torch.randn(vocab, hidden, generator=generator, dtype=torch.float64)
+        shard = whole[group.rank * rows : (group.rank + 1) * rows] / math.sqrt(hidden)
         self.weight = mark_sharded(nn.Parameter(shard.to(dtype=dtype, device=device)))
+
+
+class VocabParallelEmbedding(_VocabSharded):
+    """Token embedding whose rows (the vocabulary) are split over the group; looks up local
+    tokens. forward: all-gather the rows, backward: reduce-scatter their gradient."""
 
     def forward(self, input_ids: Tensor) -> Tensor:
         # (V/P, H) -> (V, H): every rank's rows, in vocabulary order
@@ -139,28 +140,9 @@ class VocabParallelEmbedding(nn.Module):
         return F.embedding(input_ids, weight)  # (T/P,) -> (T/P, H)
 
 
-class VocabParallelHead(nn.Module):
+class VocabParallelHead(_VocabSharded):
     """The LM head, rows split over the vocabulary like the embedding; logits of local tokens
     over the whole vocabulary, in float32."""
-
-    def __init__(
-        self,
-        vocab: int,
-        hidden: int,
-        group: CommGroup,
-        *,
-        seed: int = 0,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        if vocab % group.size:
-            raise ValueError(f"vocab ({vocab}) is not divisible by the group size {group.size}")
-        self.group = group
-        rows = vocab // group.size
-        whole = _vocab_rows(vocab, hidden, torch.Generator().manual_seed(seed))
-        shard = whole[group.rank * rows : (group.rank + 1) * rows]
-        self.weight = mark_sharded(nn.Parameter(shard.to(dtype=dtype, device=device)))
 
     def forward(self, h: Tensor) -> Tensor:
         # (T/P, H) x whole (V, H) gathered from (V/P, H) shards -> (T/P, V)
