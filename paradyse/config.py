@@ -80,12 +80,20 @@ class TrainConfig:
     """JSONL file for one record per step ('' = none)."""
     progress: bool = True
     """A progress line per step on rank 0."""
+    save: str = ""
+    """Checkpoint folder ('' = none): DIR/step-N every save_every steps and at the end."""
+    save_every: int = 0
+    """Steps between checkpoints (0 = only at the end)."""
+    resume: str = ""
+    """Continue from this checkpoint (or a folder whose `latest` names one)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"train.steps must be at least 1, got {self.steps}")
         if self.seed < 0:
             raise ValueError(f"train.seed must be >= 0, got {self.seed}")
+        if self.save_every < 0:
+            raise ValueError(f"train.save_every must be >= 0, got {self.save_every}")
         if self.dtype not in DTYPES:
             raise ValueError(f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 

@@ -4,7 +4,7 @@
         [--sp P] [--strategy adaptive|local|tp_sp|ulysses|ring|usp|metp]
         [--planner exact|paradyse] [--recompute none|selective|full]
         [--memory-budget 512MiB] [--steps N] [--seed S] [--metrics FILE.jsonl]
-        [--profile FILE.json]
+        [--save DIR] [--resume DIR] [--profile FILE.json]
 
 Exit status: 0 done; 2 a bad config, flag, data path or model shape; 3 the memory budget fits
 no plan, or the chosen static strategy cannot fit it. Errors are one line on stderr (rank 0).
@@ -42,6 +42,8 @@ _FLAGS = {  # flag destination -> (section, key)
     "steps": ("train", "steps"),
     "seed": ("train", "seed"),
     "metrics": ("train", "metrics"),
+    "save": ("train", "save"),
+    "resume": ("train", "resume"),
 }
 
 
@@ -66,6 +68,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--seed", type=int, help="seed of the weights and the data order")
     p.add_argument("--metrics", metavar="FILE.jsonl", help="one JSON record per step")
+    p.add_argument(
+        "--save", metavar="DIR", help="checkpoint here (train.save_every, and at the end)"
+    )
+    p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint (or DIR/latest)")
     p.add_argument("--profile", metavar="FILE.json",
                    help="cost-model profile; measured here and written if missing")  # fmt: skip
     return p

@@ -23,6 +23,7 @@ from cost_models.profile import measure_profile
 from parallel_lib import pad_length
 from planners import InfeasibleError, Planner, format_bytes, parse_bytes
 
+from .checkpoint import Checkpointer, CheckpointError
 from .config import Config
 from .data import DataError, GlobalBatches, assign_to_dp, micro_batches, open_source
 from .engine import Engine, LayerHooks, OptimizerWrapper, StepResult
@@ -131,6 +132,14 @@ class Trainer:
         )  # fmt: skip
         self.records: list[dict] = []
         self.split_documents = 0
+        self.checkpointer = Checkpointer(self) if (train.save or train.resume) else None
+        if train.resume:
+            try:
+                step = self.checkpointer.load(train.resume)
+            except CheckpointError as error:
+                raise RunError(str(error)) from None
+            if mesh.rank == 0:
+                self.log(f"resumed from {train.resume} at step {step}")
 
     # ------------------------------------------------------------------ set-up
     def _metrics_writer(self) -> MetricsWriter:
@@ -293,16 +302,22 @@ class Trainer:
         """Train `steps` (default train.steps) steps; rank 0 writes metrics and progress, and
         logs the summary."""
         train = self.config.train
-        steps = train.steps if steps is None else steps
+        steps = train.steps - self.engine.step_index if steps is None else steps
         rank0 = self.mesh.rank == 0
         writer = self.writer
-        progress = Progress(steps, enabled=train.progress and rank0)
+        progress = Progress(self.engine.step_index + steps, enabled=train.progress and rank0)
         warned = False
         try:
-            for _ in range(steps):
+            for i in range(steps):
                 record = self.train_step()
                 writer.write(record)
                 progress.update(record)
+                every = train.save_every
+                if train.save and ((every and self.engine.step_index % every == 0)
+                                   or i == steps - 1):  # fmt: skip
+                    saved = self.checkpointer.save(train.save)
+                    if rank0:
+                        self.log(f"saved {saved}")
                 if record["split"] and rank0 and not warned:
                     self.warn(
                         f"warning: documents longer than {self.split_len} tokens are split "

@@ -1,0 +1,390 @@
+"""Adaptive planning against every static strategy, on the same micro-batches and one budget.
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/adaptive_vs_static.py \\
+        [--memory-budget 80MiB] [--batches 14] [--min-tokens 64] [--max-tokens 8192] [--seed 0]
+
+The model is launch/configs/cpu_tiny.toml's (override with --config / --set), trained by the real
+`paradyse.Engine` on one switchable group of every rank (sp = world size). The micro-batches are
+windows of the default corpus (the standard library's sources, byte tokens): `--batches` lengths
+spaced geometrically from --min-tokens to --max-tokens (two decades by default), each cut from a
+document of at least that length, shuffled; all fixed by --seed, so every method sees the same
+batches in the same order.
+
+Methods: `exact` and `paradyse` (adaptive: a plan per micro-batch, per layer) and `static:NAME`
+for every strategy the model supports at this sp (one strategy on every layer, with the fastest
+recompute mode that fits, uniform over the layers). Each method gets a fresh model (same seed),
+its own planner at the same per-rank budget, and an Engine; every micro-batch is one optimizer
+step (forward + backward + optimizer), timed by the engine on the slowest rank. The two shortest
+micro-batches run once first, untimed (warm-up). A micro-batch the method's planner cannot fit
+(InfeasibleError) is counted as unfit and skipped.
+
+Definitions (the table and the last line):
+- tokens/s of a method: the tokens of the micro-batches it ran / the sum of their step times.
+- unfit: micro-batches it could not fit in the budget.
+- best static: the static strategy with the highest tokens/s over the micro-batches it can run,
+  whatever its unfit count (so a static that skips the long batches is judged on the rest; its
+  unfit count is printed beside it).
+- oracle: per micro-batch, the fastest measured static strategy among those that fit it, in
+  hindsight; oracle tokens/s = all tokens / the sum of those per-batch best times (a batch no
+  static fits takes the exact planner's time, one nothing fits is left out; with the default
+  budget every static but tp_sp fits every batch).
+- the last line: `adaptive/best-static = X.XXx  adaptive/oracle = Y.YYx  unfit(best-static) = N`,
+  adaptive = the exact planner. The ratios compare tokens/s.
+
+The default budget, 80 MiB per rank, is the cost model's: the exact planner (and metp, the
+leanest static) fit up to ~9,000 tokens, so all of the 8192-token batches; tp_sp, the fastest
+strategy below ~2K tokens, fits only ~6,800 tokens and must recompute from ~4K tokens on; the
+sequence-sharded strategies (ulysses, ring, usp) fit 8192 tokens too but are ~1.5-2x slower than
+tp_sp on short batches. `--predict` prints the same table from the cost model alone (no steps):
+a cheap way to explore budgets and lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import paradyse
+from cost_models import Hardware, Profile, ProfileError, detect
+from cost_models.profile import measure_profile
+from paradyse import DecoderModel, Engine
+from paradyse.data import StdlibCorpus
+from paradyse.planning import build_planner
+from parallel_lib import STRATEGY_NAMES, get_strategy
+from planners import InfeasibleError, format_bytes, parse_bytes
+
+MiB = 1 << 20
+CONFIG = "launch/configs/cpu_tiny.toml"
+PROFILE = ".cache/profile-{device}-sp{sp}-{dtype}.json"
+ADAPTIVE_METHODS = ("exact", "paradyse")
+HEADLINE = "adaptive/best-static = {:.2f}x  adaptive/oracle = {:.2f}x  unfit(best-static) = {}"
+
+
+@dataclass
+class MethodResult:
+    method: str
+    seconds: list[float | None] = field(default_factory=list)
+    """Per micro-batch, the measured (or predicted) step seconds; None: unfit."""
+    plans: list[str] = field(default_factory=list)
+    peak_bytes: int = 0
+    """The largest predicted peak (static + saved + transient) of the batches it ran."""
+
+    @property
+    def unfit(self) -> int:
+        return sum(s is None for s in self.seconds)
+
+    def tokens_per_s(self, lengths: list[int]) -> float:
+        ran = [(n, s) for n, s in zip(lengths, self.seconds, strict=True) if s is not None]
+        total = sum(s for _, s in ran)
+        return sum(n for n, _ in ran) / total if total > 0 else 0.0
+
+    @property
+    def static(self) -> bool:
+        return self.method.startswith("static:")
+
+
+# ------------------------------------------------------------------------------ data
+def micro_batch_lengths(
+    count: int, shortest: int, longest: int, seed: int, repeat_short: bool = True
+) -> list[int]:
+    """`count` lengths spaced geometrically from shortest to longest (both included), each
+    repeated ceil(sqrt(longest / length)) times when `repeat_short`, shuffled."""
+    if count < 1 or shortest < 2 or longest < shortest:
+        raise ValueError(
+            f"need --batches >= 1 and 2 <= --min-tokens <= --max-tokens, got {count}, "
+            f"{shortest}, {longest}"
+        )
+    lengths = sorted({int(round(x)) for x in np.geomspace(shortest, longest, count)})
+    while len(lengths) < count:  # rounding merged some: repeat the longest
+        lengths.append(longest)
+    if repeat_short:
+        lengths = [n for n in lengths for _ in range(int(np.ceil(np.sqrt(longest / n))))]
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    return [lengths[i] for i in order]
+
+
+def corpus_windows(lengths: list[int], seed: int) -> list[list[int]]:
+    """Per length, a window of that many tokens of a default-corpus document at least as long,
+    chosen by the seed (the corpus is sorted by path, so the same on every rank)."""
+    corpus = StdlibCorpus()
+    sizes = np.array([corpus.length(i) for i in range(len(corpus))])
+    rng = np.random.default_rng(seed + 1)
+    windows = []
+    for n in lengths:
+        long_enough = np.flatnonzero(sizes >= n)
+        if len(long_enough) == 0:
+            raise ValueError(f"no document of the default corpus has {n} tokens: lower --max-tokens")
+        doc = int(long_enough[rng.integers(len(long_enough))])
+        start = int(rng.integers(sizes[doc] - n + 1))
+        windows.append(corpus.tokens(doc)[start : start + n].tolist())
+    return windows
+
+
+# ------------------------------------------------------------------------------ set-up
+def _rank0_object(value, mesh):
+    if mesh.world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def load_profile(path: str | None, config, mesh, dtype: torch.dtype, log) -> Profile | None:
+    """The trainer's rule: the profile at `path` (filled in like parallel.profile), measured on
+    this machine and saved there first if missing; None for `none`."""
+    if not path or path == "none":
+        return None
+    dtype_name = str(dtype).removeprefix("torch.")
+    file = Path(path.format(sp=mesh.sp, dtype=dtype_name, device=mesh.device.type))
+    found = None
+    if mesh.rank == 0 and file.exists():
+        try:
+            profile = Profile.load(file)
+            profile.check_matches(dtype=dtype_name, sp=mesh.sp)
+            found = profile.to_dict()
+        except ProfileError as error:
+            found = f"error: {error}"
+    found = _rank0_object(found, mesh)
+    if isinstance(found, str):
+        raise SystemExit(f"benchmarks/adaptive_vs_static.py: {found}")
+    if found is not None:
+        return Profile.from_dict(found, source=str(file))
+    log(f"no cost-model profile at {file}: measuring this machine (sp={mesh.sp})")
+    start = time.perf_counter()
+    profile = measure_profile(mesh, config.model.shape, dtype, 8192)
+    if mesh.rank == 0:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        profile.save(file)
+        log(f"wrote {file} ({time.perf_counter() - start:.0f} s)")
+    return Profile.from_dict(_rank0_object(profile.to_dict(), mesh), source=str(file))
+
+
+def methods_for(config, sp: int, wanted: str) -> list[str]:
+    """exact, paradyse and static:NAME for every strategy that supports the model at sp."""
+    names = list(ADAPTIVE_METHODS) + [
+        f"static:{s}" for s in STRATEGY_NAMES
+        if s != "local" and get_strategy(s).supports(config.model.shape, sp)[0]
+    ]  # fmt: skip
+    if sp == 1:
+        names += ["static:local"]
+    if wanted != "all":
+        chosen = wanted.split(",")
+        unknown = [m for m in chosen if m not in names]
+        if unknown:
+            raise ValueError(f"unknown or unsupported methods {unknown}; choose from {names}")
+        names = chosen
+    return names
+
+
+def make_planner(method: str, config, mesh, budget: float, profile, hardware):
+    strategy, planner = ("adaptive", method) if method in ADAPTIVE_METHODS else (
+        method.removeprefix("static:"), "exact")  # fmt: skip
+    return build_planner(
+        config.model, sp=mesh.sp, dp=mesh.dp, strategy=strategy, planner=planner,
+        budget_bytes=budget, dtype=config.train.dtype, profile=profile, hardware=hardware,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ running
+def run_method(method, config, mesh, budget, profile, hardware, batches, warmup) -> MethodResult:
+    """Every micro-batch as one optimizer step of a fresh model (collective)."""
+    planner = make_planner(method, config, mesh, budget, profile, hardware)
+    dtype = getattr(torch, config.train.dtype)
+    model = DecoderModel(config.model, mesh.sp_group, seed=config.train.seed, dtype=dtype,
+                         device=mesh.device)  # fmt: skip
+    engine = Engine(model, mesh, planner, config.optim, total_steps=len(batches) + len(warmup),
+                    measure_memory=False)  # fmt: skip
+    result = MethodResult(method)
+    for i in warmup:
+        if planner.fits([len(batches[i])]):
+            engine.step([[batches[i]]], len(batches[i]) - 1)
+    for tokens in batches:
+        if not planner.fits([len(tokens)]):
+            result.seconds.append(None)
+            result.plans.append("-")
+            continue
+        step = engine.step([[tokens]], len(tokens) - 1)
+        plan = step.micro_batches[0].plan
+        result.seconds.append(step.step_s)
+        result.plans.append(str(plan))
+        result.peak_bytes = max(result.peak_bytes, step.predicted_peak_bytes)
+    return result
+
+
+def predict_method(method, config, mesh, budget, profile, hardware, batches) -> MethodResult:
+    """The same, from the cost model: the plan's predicted seconds (layers only), no steps."""
+    planner = make_planner(method, config, mesh, budget, profile, hardware)
+    result = MethodResult(method)
+    for tokens in batches:
+        try:
+            plan = planner.plan([len(tokens)])
+        except InfeasibleError:
+            result.seconds.append(None)
+            result.plans.append("-")
+            continue
+        result.seconds.append(plan.predicted_s)
+        result.plans.append(str(plan))
+        result.peak_bytes = max(result.peak_bytes, plan.predicted_peak_bytes)
+    return result
+
+
+# ------------------------------------------------------------------------------ report
+def oracle_seconds(results: list[MethodResult]) -> list[float]:
+    """Per micro-batch, the fastest static that fit it (the exact planner's time if none did)."""
+    statics = [r for r in results if r.static]
+    exact = next((r for r in results if r.method == "exact"), None)
+    best = []
+    for i in range(len(results[0].seconds)):
+        times = [r.seconds[i] for r in statics if r.seconds[i] is not None]
+        if times:
+            best.append(min(times))
+        elif exact is not None and exact.seconds[i] is not None:
+            best.append(exact.seconds[i])
+        else:
+            best.append(None)  # nothing fits it: left out of the oracle
+    return best
+
+
+def summarise(results: list[MethodResult], lengths: list[int]) -> dict:
+    """tokens/s of every method, the best static, the oracle and the headline ratios."""
+    rates = {r.method: r.tokens_per_s(lengths) for r in results}
+    statics = [r for r in results if r.static]
+    best = max(statics, key=lambda r: rates[r.method]) if statics else None
+    ran = [(n, s) for n, s in zip(lengths, oracle_seconds(results), strict=True) if s is not None]
+    oracle = sum(n for n, _ in ran) / sum(s for _, s in ran) if ran else float("nan")
+    adaptive = rates.get("exact", 0.0)
+    best_rate = rates[best.method] if best else float("nan")
+    return {
+        "rates": rates,
+        "unfit": {r.method: r.unfit for r in results},
+        "best_static": best.method if best else None,
+        "best_static_rate": best_rate,
+        "oracle_rate": oracle,
+        "adaptive_over_best": adaptive / best_rate if best else float("nan"),
+        "adaptive_over_oracle": adaptive / oracle,
+        "unfit_best": best.unfit if best else 0,
+    }
+
+
+def format_report(results, lengths, summary, *, per_batch: bool = True) -> list[str]:
+    best_rate = summary["best_static_rate"]
+    lines = [f"{'method':<16} {'tokens/s':>9} {'unfit':>5} {'x best static':>13} {'peak MiB':>9}"]
+    for r in results:
+        rate = summary["rates"][r.method]
+        mark = "  <- best static" if r.method == summary["best_static"] else ""
+        lines.append(
+            f"{r.method:<16} {rate:>9.0f} {r.unfit:>5} {rate / best_rate:>13.2f} "
+            f"{r.peak_bytes / MiB:>9.1f}{mark}"
+        )
+    oracle = summary["oracle_rate"]
+    lines.append(f"{'oracle':<16} {oracle:>9.0f} {0:>5} {oracle / best_rate:>13.2f} {'':>9}")
+    if per_batch:
+        best = oracle_seconds(results)
+        lines.append("")
+        lines.append("per micro-batch ms (- unfit); oracle = fastest static; exact's plan")
+        lines.append(f"{'tokens':>6} " + " ".join(f"{_short(r.method):>8}" for r in results)
+                     + f" {'oracle':>8}  plan(exact)")  # fmt: skip
+        exact = next((r for r in results if r.method == "exact"), results[0])
+        for i, n in enumerate(lengths):
+            cells = " ".join(
+                f"{'-':>8}" if r.seconds[i] is None else f"{r.seconds[i] * 1e3:>8.0f}"
+                for r in results
+            )
+            oracle_ms = f"{'-':>8}" if best[i] is None else f"{best[i] * 1e3:>8.0f}"
+            lines.append(f"{n:>6} {cells} {oracle_ms}  {exact.plans[i]}")
+    return lines
+
+
+def _short(method: str) -> str:
+    return method.removeprefix("static:")
+
+
+def headline(summary: dict) -> str:
+    return HEADLINE.format(
+        summary["adaptive_over_best"], summary["adaptive_over_oracle"], summary["unfit_best"]
+    )
+
+
+# ------------------------------------------------------------------------------ main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--memory-budget", default="96MiB", help="per-rank budget (default 96MiB)")
+    p.add_argument("--batches", type=int, default=8, help="distinct lengths (default 8)")
+    p.add_argument("--min-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-repeat", action="store_true", help="each length once (long ones dominate)")
+    p.add_argument("--methods", default="all", help="comma-separated (exact,static:tp_sp,...)")
+    p.add_argument("--config", default=CONFIG)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--profile", default=PROFILE, help="cost-model profile; 'none': datasheet")
+    p.add_argument("--predict", action="store_true", help="cost model only, no training steps")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
+    """Run the benchmark (collective); rank 0 prints. Returns the summary with the report lines
+    (`lines`, the headline last) on every rank."""
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    own_mesh = mesh is None
+    mesh = mesh or paradyse.init_mesh()
+    rank0 = mesh.rank == 0
+    log = log or (lambda line: print(line, flush=True))
+    say = log if rank0 else (lambda line: None)
+    config = paradyse.load_config(args.config, args.set)
+    try:
+        budget = float(parse_bytes(args.memory_budget, "--memory-budget"))
+        methods = methods_for(config, mesh.sp, args.methods)
+        lengths = micro_batch_lengths(args.batches, args.min_tokens, args.max_tokens, args.seed,
+                                      not args.no_repeat)  # fmt: skip
+        batches = corpus_windows(lengths, args.seed)
+    except ValueError as error:
+        if rank0:
+            print(f"benchmarks/adaptive_vs_static.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    dtype = getattr(torch, config.train.dtype)
+    profile = load_profile(args.profile, config, mesh, dtype, say)
+    hardware = Hardware.from_dict(_rank0_object(detect().to_dict(), mesh))
+    shape = config.model.shape
+    say(
+        f"sp={mesh.sp} {mesh.device.type} {config.train.dtype}, {config.model.layers} layers "
+        f"H={shape.hidden} heads={shape.heads}/{shape.kv_heads} F={shape.ffn_hidden}, budget "
+        f"{format_bytes(budget)}/rank, {len(lengths)} micro-batches of {min(lengths)}-"
+        f"{max(lengths)} tokens (seed {args.seed}), "
+        + ("cost-model prediction" if args.predict else "measured step time, slowest rank")
+    )
+    warmup = sorted(range(len(lengths)), key=lambda i: lengths[i])[:2]
+    start = time.perf_counter()
+    results = []
+    for method in methods:
+        if args.predict:
+            results.append(predict_method(method, config, mesh, budget, profile, hardware,
+                                          batches))  # fmt: skip
+        else:
+            results.append(run_method(method, config, mesh, budget, profile, hardware, batches,
+                                      warmup))  # fmt: skip
+    summary = summarise(results, lengths)
+    lines = format_report(results, lengths, summary)
+    lines.append(f"{time.perf_counter() - start:.0f} s")
+    lines.append(headline(summary))
+    for line in lines:
+        say(line)
+    summary.update(lines=lines, lengths=lengths, methods=methods,
+                   seconds={r.method: r.seconds for r in results})  # fmt: skip
+    if own_mesh and dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,69 @@
+"""benchmarks/adaptive_vs_static.py runs end to end on 2 ranks with a small model."""
+
+from __future__ import annotations
+
+import re
+
+from benchmarks.adaptive_vs_static import main, micro_batch_lengths
+
+from .harness import run_distributed
+from .layer_cases import mesh_for
+
+SMALL = [
+    "--set", "model.layers=2", "--set", "model.hidden=64", "--set", "model.heads=4",
+    "--set", "model.kv_heads=2", "--set", "model.head_dim=16", "--set", "model.ffn_hidden=128",
+    "--profile", "none", "--batches", "3", "--min-tokens", "16", "--max-tokens", "256",
+]  # fmt: skip
+HEADLINE = re.compile(
+    r"^adaptive/best-static = \d+\.\d\dx  adaptive/oracle = \d+\.\d\dx  unfit\(best-static\) = \d+$"
+)
+
+
+def benchmark_case(extra: list[str]) -> dict:
+    lines: list[str] = []
+    summary = main(SMALL + extra, mesh=mesh_for(2), log=lines.append)
+    summary["printed"] = lines
+    return summary
+
+
+def test_lengths_are_deterministic_and_span_the_range() -> None:
+    lengths = micro_batch_lengths(8, 64, 8192, seed=3)
+    assert lengths == micro_batch_lengths(8, 64, 8192, seed=3)
+    assert min(lengths) == 64 and max(lengths) == 8192
+    assert lengths.count(64) == 12 and lengths.count(8192) == 1  # ceil(sqrt(8192 / n)) copies
+
+
+def test_adaptive_vs_static_smoke() -> None:
+    results = run_distributed(2, benchmark_case, ["--memory-budget", "1GiB"], timeout=120)
+    summary = results[0]
+    assert results[1]["printed"] == []  # only rank 0 prints
+    methods = summary["methods"]
+    assert methods[:2] == ["exact", "paradyse"]
+    statics = {"static:tp_sp", "static:ulysses", "static:ring", "static:metp"}  # no usp at sp=2
+    assert statics <= set(methods)
+    table = summary["printed"]
+    for method in methods + ["oracle"]:
+        assert any(line.split()[0] == method for line in table if line.strip()), method
+    n = len(summary["lengths"])
+    for method in methods:
+        seconds = summary["seconds"][method]
+        ran = [s for s in seconds if s is not None]
+        assert len(seconds) == n and len(ran) + summary["unfit"][method] == n
+        assert all(s > 0 for s in ran)
+    assert summary["unfit"]["exact"] == 0
+    assert summary["best_static"] in statics
+    assert HEADLINE.match(table[-1]), table[-1]
+    assert table == summary["lines"]
+
+
+def test_predict_counts_unfit_batches() -> None:
+    """A budget the longest batch cannot fit: every method skips it, and says so."""
+    summary = run_distributed(
+        2, benchmark_case, ["--predict", "--memory-budget", "1.5MiB"], timeout=60
+    )[0]
+    assert HEADLINE.match(summary["printed"][-1])
+    n = len(summary["lengths"])
+    for method in summary["methods"]:
+        seconds = summary["seconds"][method]
+        assert summary["unfit"][method] == sum(s is None for s in seconds) and len(seconds) == n
+    assert summary["unfit"]["exact"] == 1  # the 256-token batch (the cost model fits 164)
