@@ -27,16 +27,19 @@ Definitions (the table and the last line):
 - oracle: per micro-batch, the fastest measured static strategy among those that fit it, in
   hindsight; oracle tokens/s = all tokens / the sum of those per-batch best times (a batch no
   static fits takes the exact planner's time, one nothing fits is left out; with the default
-  budget every static but tp_sp fits every batch).
+  budget every static fits every batch).
 - the last line: `adaptive/best-static = X.XXx  adaptive/oracle = Y.YYx  unfit(best-static) = N`,
   adaptive = the exact planner. The ratios compare tokens/s.
 
-The default budget, 80 MiB per rank, is the cost model's: the exact planner (and metp, the
-leanest static) fit up to ~9,000 tokens, so all of the 8192-token batches; tp_sp, the fastest
-strategy below ~2K tokens, fits only ~6,800 tokens and must recompute from ~4K tokens on; the
-sequence-sharded strategies (ulysses, ring, usp) fit 8192 tokens too but are ~1.5-2x slower than
-tp_sp on short batches. `--predict` prints the same table from the cost model alone (no steps):
-a cheap way to explore budgets and lengths.
+The default budget, 96 MiB per rank, comes from the cost model (`--predict`, cheap): there the
+exact planner fits single sequences up to ~11,100 tokens, tp_sp (the fastest strategy below ~1.5K
+tokens) only ~8,400 and must recompute (selective/full on every layer) from ~2.7K tokens on,
+while the sequence-sharded strategies (ulysses, ring, usp) fit 8192 tokens with less recompute
+but are 1.3-2x slower than tp_sp on short batches. Tighter budgets (<= ~88 MiB) make tp_sp unfit
+for the 8192-token batch, which (by the definition above) raises its tokens/s, as the longest
+batches have the lowest tokens/s: the predicted adaptive/best-static is 1.00x at 80 MiB, 1.13x at
+96 MiB, 1.14x at 112 MiB. The lengths repeat short micro-batches (ceil(sqrt(8192 / n)) copies) so
+that they weigh in the total time as they do in training; `--no-repeat` uses each length once.
 """
 
 from __future__ import annotations
@@ -121,7 +124,9 @@ def corpus_windows(lengths: list[int], seed: int) -> list[list[int]]:
     for n in lengths:
         long_enough = np.flatnonzero(sizes >= n)
         if len(long_enough) == 0:
-            raise ValueError(f"no document of the default corpus has {n} tokens: lower --max-tokens")
+            raise ValueError(
+                f"no document of the default corpus has {n} tokens: lower --max-tokens"
+            )
         doc = int(long_enough[rng.integers(len(long_enough))])
         start = int(rng.integers(sizes[doc] - n + 1))
         windows.append(corpus.tokens(doc)[start : start + n].tolist())

@@ -55,15 +55,15 @@ def step_record(result: StepResult, seq_lens: list[int], split: int, budget: flo
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to `path` (rank 0 only; flushed every record, so a
-    crashed run keeps every finished step)."""
+    """Writes one JSON object per line to `path` (rank 0 only; flushed every record, so a
+    crashed run keeps every finished step); a resumed run appends."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, append: bool = False) -> None:
         self.file: TextIO | None = None
         if path:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.file = target.open("w", encoding="utf-8")
+            self.file = target.open("a" if append else "w", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         if self.file is not None:

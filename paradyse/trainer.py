@@ -23,7 +23,7 @@ from cost_models.profile import measure_profile
 from parallel_lib import pad_length
 from planners import InfeasibleError, Planner, format_bytes, parse_bytes
 
-from .checkpoint import Checkpointer, CheckpointError
+from .checkpoint import MANIFEST, Checkpointer, CheckpointError
 from .config import Config
 from .data import DataError, GlobalBatches, assign_to_dp, micro_batches, open_source
 from .engine import Engine, LayerHooks, OptimizerWrapper, StepResult
@@ -133,7 +133,10 @@ class Trainer:
         self.records: list[dict] = []
         self.split_documents = 0
         self.checkpointer = Checkpointer(self) if (train.save or train.resume) else None
-        if train.resume:
+        if train.resume and self._first_start():
+            if mesh.rank == 0:
+                self.log(f"no checkpoint in {train.resume} yet: starting from step 0")
+        elif train.resume:
             try:
                 step = self.checkpointer.load(train.resume)
             except CheckpointError as error:
@@ -142,12 +145,24 @@ class Trainer:
                 self.log(f"resumed from {train.resume} at step {step}")
 
     # ------------------------------------------------------------------ set-up
+    def _first_start(self) -> bool:
+        """--resume DIR with --save DIR and nothing saved there yet (rank 0 looks): the first
+        start of a job that resumes itself after failures (torchrun --max-restarts)."""
+        train = self.config.train
+        if not train.save or Path(train.resume) != Path(train.save):
+            return False
+        empty = None
+        if self.mesh.rank == 0:
+            root = Path(train.resume)
+            empty = not (root / "latest").is_file() and not (root / MANIFEST).is_file()
+        return bool(rank0_value(empty, self.mesh.device))
+
     def _metrics_writer(self) -> MetricsWriter:
         """Rank 0 opens train.metrics now, so a bad path fails before any work (on every rank)."""
         path, error, writer = self.config.train.metrics, None, MetricsWriter(None)
         if path and self.mesh.rank == 0:
             try:
-                writer = MetricsWriter(path)
+                writer = MetricsWriter(path, append=bool(self.config.train.resume))
             except OSError as e:
                 error = f"cannot write the metrics file {path!r} ({e.strerror or e}): set --metrics"
         error = rank0_value(error, self.mesh.device)
