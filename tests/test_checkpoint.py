@@ -100,3 +100,18 @@ def test_metadata_is_read_without_arbitrary_unpickling(saved) -> None:
 
     with pytest.raises(pickle.UnpicklingError, match="posix.system is not allowed"):
         _MetadataUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
+
+
+def test_save_and_resume_in_one_folder_start_fresh_then_continue(tmp_path) -> None:
+    """`--save D --resume D`: the first start finds nothing and trains from step 0; a restart
+    continues from D's latest checkpoint (what an elastic restart does)."""
+    both = [f"train.save={tmp_path}", f"train.resume={tmp_path}", "train.steps=4",
+            "train.save_every=2"]  # fmt: skip
+    mesh = mesh_for(1)
+    first = Trainer(load_config(None, [*TINY, *both]), mesh=mesh, log=lambda *_: None)
+    assert first.engine.step_index == 0
+    losses = [r["loss"] for r in first.run()]
+    (tmp_path / "latest").write_text("step-00000002\n")  # as if the job died after step 2
+    again = Trainer(load_config(None, [*TINY, *both]), mesh=mesh, log=lambda *_: None)
+    assert again.engine.step_index == 2
+    _close([r["loss"] for r in again.run()], losses[2:])
