@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,24 @@ class Mesh:
         return self.dp_group.rank
 
 
+def _init_process_group(backend: str) -> None:
+    """The default group from the torchrun environment, its store keys prefixed by the elastic
+    restart count: after `--max-restarts` restarts the workers, the new ones must not read the
+    addresses the failed attempt left in the launcher's store (they would connect to dead
+    ranks)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend)
+        return
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE); otherwise rank 0 does
+    hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=hosts, timeout=timedelta(minutes=10))  # fmt: skip
+    prefixed = dist.PrefixStore(f"paradyse/attempt{attempt}", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world)
+
+
 def init_mesh(sp: int | None = None, *, backend: str | None = None) -> Mesh:
     """Build the mesh (collective across all processes). sp defaults to the world size.
 
@@ -68,7 +87,7 @@ def init_mesh(sp: int | None = None, *, backend: str | None = None) -> Mesh:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
+        _init_process_group(backend)
     if dist.is_initialized():
         world, rank, backend = dist.get_world_size(), dist.get_rank(), dist.get_backend()
         on_cuda = "nccl" in backend  # a gloo group (also on a CUDA machine) communicates on CPU
