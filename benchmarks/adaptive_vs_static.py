@@ -49,18 +49,17 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import paradyse
-from cost_models import Hardware, Profile, ProfileError, detect
-from cost_models.profile import measure_profile
+from cost_models import Hardware, Profile, detect
 from paradyse import DecoderModel, Engine
 from paradyse.data import StdlibCorpus
-from paradyse.planning import build_planner
+from paradyse.mesh import rank0_value
+from paradyse.planning import build_planner, resolve_profile
 from parallel_lib import STRATEGY_NAMES, get_strategy
 from planners import InfeasibleError, format_bytes, parse_bytes
 
@@ -134,42 +133,15 @@ def corpus_windows(lengths: list[int], seed: int) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------ set-up
-def _rank0_object(value, mesh):
-    if mesh.world == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def load_profile(path: str | None, config, mesh, dtype: torch.dtype, log) -> Profile | None:
-    """The trainer's rule: the profile at `path` (filled in like parallel.profile), measured on
-    this machine and saved there first if missing; None for `none`."""
+    """The trainer's rule (`paradyse.planning.resolve_profile`): the profile at `path`, measured
+    on this machine and saved there first if missing; None for `none`."""
     if not path or path == "none":
         return None
-    dtype_name = str(dtype).removeprefix("torch.")
-    file = Path(path.format(sp=mesh.sp, dtype=dtype_name, device=mesh.device.type))
-    found = None
-    if mesh.rank == 0 and file.exists():
-        try:
-            profile = Profile.load(file)
-            profile.check_matches(dtype=dtype_name, sp=mesh.sp)
-            found = profile.to_dict()
-        except ProfileError as error:
-            found = f"error: {error}"
-    found = _rank0_object(found, mesh)
-    if isinstance(found, str):
-        raise SystemExit(f"benchmarks/adaptive_vs_static.py: {found}")
-    if found is not None:
-        return Profile.from_dict(found, source=str(file))
-    log(f"no cost-model profile at {file}: measuring this machine (sp={mesh.sp})")
-    start = time.perf_counter()
-    profile = measure_profile(mesh, config.model.shape, dtype, 8192)
-    if mesh.rank == 0:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        profile.save(file)
-        log(f"wrote {file} ({time.perf_counter() - start:.0f} s)")
-    return Profile.from_dict(_rank0_object(profile.to_dict(), mesh), source=str(file))
+    try:
+        return resolve_profile(path, mesh, config.model.shape, dtype, log=log, warn=log)
+    except ValueError as error:
+        raise SystemExit(f"benchmarks/adaptive_vs_static.py: {error}") from None
 
 
 def methods_for(config, sp: int, wanted: str) -> list[str]:
@@ -358,7 +330,7 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
         raise SystemExit(2) from None
     dtype = getattr(torch, config.train.dtype)
     profile = load_profile(args.profile, config, mesh, dtype, say)
-    hardware = Hardware.from_dict(_rank0_object(detect().to_dict(), mesh))
+    hardware = Hardware.from_dict(rank0_value(detect().to_dict(), mesh.device))
     shape = config.model.shape
     say(
         f"sp={mesh.sp} {mesh.device.type} {config.train.dtype}, {config.model.layers} layers "

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .layer import SwitchableDecoderLayer
+from .mesh import rank0_value
 from .model import is_sharded
 
 __all__ = ["CheckpointError", "Checkpointer", "find_checkpoint", "MANIFEST"]
@@ -259,8 +260,6 @@ class Checkpointer:
                 verdict = {"path": str(directory)}
             except CheckpointError as error:
                 verdict = {"error": str(error)}
-        from .trainer import rank0_value
-
         verdict = rank0_value(verdict, mesh.device)
         if "error" in verdict:
             raise CheckpointError(verdict["error"])

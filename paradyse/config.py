@@ -256,8 +256,3 @@ def apply_override(config: Config, section: str, **values: Any) -> Config:
         return dataclasses.replace(config, **{section: dataclasses.replace(current, **values)})
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
-
-
-def config_dict(config: Config) -> dict[str, dict[str, Any]]:
-    """Plain values, for the metrics header and checkpoints."""
-    return {name: dataclasses.asdict(getattr(config, name)) for name in _SECTIONS}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -11,7 +12,7 @@ import torch.distributed as dist
 
 from parallel_lib import CommGroup, new_groups, new_sp_groups
 
-__all__ = ["Mesh", "init_mesh"]
+__all__ = ["Mesh", "init_mesh", "rank0_value"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,3 +123,18 @@ def init_mesh(sp: int | None = None, *, backend: str | None = None) -> Mesh:
         sp_group=sp_group,
         dp_group=dp_group,
     )
+
+
+def rank0_value(value, device: torch.device):
+    """Rank 0's JSON-serialisable `value` on every rank (collective). What every rank must
+    agree on (hardware, profile, the outcome of rank 0's file checks) is decided once, there."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    data = json.dumps(value).encode() if dist.get_rank() == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    dist.broadcast(size, 0)
+    buffer = torch.zeros(int(size), dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buffer, 0)
+    return json.loads(buffer.cpu().numpy().tobytes())

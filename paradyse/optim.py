@@ -266,14 +266,3 @@ class UnitOptimizer:
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.device != device and value.dim() > 0:
                     state[key] = value.to(device)
-
-    def state_bytes(self) -> int:
-        if self.optimizer is None:
-            return 0
-        total = sum(
-            v.numel() * v.element_size()
-            for state in self.optimizer.state.values()
-            for v in state.values()
-            if isinstance(v, Tensor)
-        )
-        return total + (self.master.numel() * 4 if self.separate_master else 0)

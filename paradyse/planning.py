@@ -4,16 +4,21 @@ static memory, and the method the run's `--strategy`/`--planner`/`--recompute` a
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
-from cost_models import CostModel, Hardware, Profile, detect, static_memory
+from cost_models import CostModel, Hardware, Profile, ProfileError, detect, static_memory
 from cost_models.counts import dtype_name, itemsize
+from cost_models.profile import measure_profile
 from parallel_lib import get_strategy
 from planners import LayerCosts, Option, Planner, enumerate_options
 
+from .mesh import Mesh, rank0_value
 from .model import ModelConfig
 
 __all__ = [
-    "ADAPTIVE", "build_planner", "planner_method", "strategy_supports", "vocab_transient_bytes"
+    "ADAPTIVE", "build_planner", "planner_method", "resolve_profile", "strategy_supports",
+    "vocab_transient_bytes",
 ]  # fmt: skip
 
 ADAPTIVE = "adaptive"
@@ -79,3 +84,55 @@ def build_planner(
     return Planner(
         costs, budget, static_bytes=static, method=planner_method(strategy, planner, recompute)
     )
+
+
+def resolve_profile(template: str, mesh: Mesh, shape, dtype, *, max_tokens: int = 8192,
+                    log=print, warn=print) -> Profile | None:  # fmt: skip
+    """The cost-model profile at `template` ({sp}, {dtype} and {device} filled in; '' = None):
+    rank 0 reads it, or measures this machine (collective) and writes it there when missing,
+    and every rank gets rank 0's numbers, so the ranks of an sp group plan alike. ValueError,
+    one line, for a bad template, an unusable file or a folder that cannot be created."""
+    if not template:
+        return None
+    name = dtype_name(dtype)
+    try:
+        path = Path(template.format(sp=mesh.sp, dtype=name, device=mesh.device.type))
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(
+            f"parallel.profile {template!r}: only {{sp}}, {{dtype}} and {{device}} can be "
+            f"filled in ({type(error).__name__}: {error})"
+        ) from None
+    found = _read_profile(path, name, mesh.sp) if mesh.rank == 0 else None
+    found = rank0_value(found, mesh.device)
+    if "error" in found:
+        raise ValueError(found["error"])
+    if "profile" in found:
+        return Profile.from_dict(found["profile"], source=str(path))
+    if mesh.rank == 0:
+        log(f"no cost-model profile at {path}: measuring this machine (sp={mesh.sp})")
+    start = time.perf_counter()
+    profile = measure_profile(mesh, shape, dtype, max_tokens)
+    if mesh.rank == 0:
+        try:
+            profile.save(path)
+            log(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
+        except (OSError, ProfileError) as error:
+            warn(f"warning: could not write the profile to {path}: {error}")
+    return Profile.from_dict(rank0_value(profile.to_dict(), mesh.device), source=str(path))
+
+
+def _read_profile(path: Path, dtype: str, sp: int) -> dict:
+    """{'profile': ...}, {'measure': True} (and its folder exists) or {'error': ...}."""
+    if path.exists():
+        try:
+            profile = Profile.load(path)
+            profile.check_matches(dtype=dtype, sp=sp)
+        except ProfileError as error:
+            return {"error": f"parallel.profile: {error}"}
+        return {"profile": profile.to_dict()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return {"error": f"parallel.profile {str(path)!r}: cannot create its folder "
+                         f"({error.strerror or error})"}  # fmt: skip
+    return {"measure": True}

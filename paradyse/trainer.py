@@ -9,17 +9,13 @@ every strategy trains on the same data) -> the chosen strategy must fit the full
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from cost_models import Hardware, Profile, ProfileError, detect
-from cost_models.profile import measure_profile
+from cost_models import Hardware, Profile, detect
 from parallel_lib import pad_length
 from planners import InfeasibleError, Planner, format_bytes, parse_bytes
 
@@ -27,10 +23,10 @@ from .checkpoint import MANIFEST, Checkpointer, CheckpointError
 from .config import Config
 from .data import DataError, GlobalBatches, assign_to_dp, micro_batches, open_source
 from .engine import Engine, LayerHooks, OptimizerWrapper, StepResult
-from .mesh import Mesh, init_mesh
+from .mesh import Mesh, init_mesh, rank0_value
 from .metrics import MetricsWriter, Progress, step_record, summary_lines
 from .model import DecoderModel
-from .planning import ADAPTIVE, build_planner
+from .planning import ADAPTIVE, build_planner, resolve_profile
 
 __all__ = ["RunError", "Trainer", "EXIT_USAGE", "EXIT_MEMORY"]
 
@@ -46,25 +42,6 @@ class RunError(Exception):
     def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.code = code
-
-
-def _rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def rank0_value(value, device: torch.device):
-    """Rank 0's JSON-serialisable `value` on every rank (collective). What every rank must
-    agree on (hardware, profile, the outcome of rank 0's file checks) is decided once, there."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    data = json.dumps(value).encode() if dist.get_rank() == 0 else b""
-    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    dist.broadcast(size, 0)
-    buffer = torch.zeros(int(size), dtype=torch.uint8, device=device)
-    if dist.get_rank() == 0:
-        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    dist.broadcast(buffer, 0)
-    return json.loads(buffer.cpu().numpy().tobytes())
 
 
 class Trainer:
@@ -117,7 +94,7 @@ class Trainer:
         self.planner = self._planner(par.strategy, par.planner, profile, hardware)
         self.split_len = self._split_length(profile, hardware)
         self._check_fullest_micro_batch()
-        if self.split_len < data.max_seq_len and _rank0():  # said once the run can go ahead
+        if self.split_len < data.max_seq_len and mesh.rank == 0:  # said once the run can go ahead
             self.warn(
                 f"warning: the longest sequence that fits {format_bytes(self.budget_bytes)} per "
                 f"rank is {self.split_len} tokens: documents are split at {self.split_len}, not "
@@ -171,55 +148,14 @@ class Trainer:
         return writer
 
     def _profile(self) -> Profile | None:
-        """The cost-model profile named by parallel.profile, measured here first if missing.
-        Rank 0 reads (or measures and writes) it and every rank uses rank 0's numbers."""
-        template = self.config.parallel.profile
-        if not template:
-            return None
-        mesh, dtype_name = self.mesh, self.config.train.dtype
-        try:
-            path = Path(template.format(sp=mesh.sp, dtype=dtype_name, device=mesh.device.type))
-        except (KeyError, IndexError, ValueError) as error:
-            raise RunError(
-                f"parallel.profile {template!r}: only {{sp}}, {{dtype}} and {{device}} can be "
-                f"filled in ({type(error).__name__}: {error})"
-            ) from None
-        found = None
-        if mesh.rank == 0:
-            found = self._read_profile(path)
-        found = rank0_value(found, mesh.device)
-        if "error" in found:
-            raise RunError(found["error"])
-        if "profile" in found:
-            return Profile.from_dict(found["profile"], source=str(path))
-        if mesh.rank == 0:
-            self.log(f"no cost-model profile at {path}: measuring this machine (sp={mesh.sp})")
-        start = time.perf_counter()
+        """The cost-model profile named by parallel.profile (see `resolve_profile`)."""
         max_tokens = max(64, min(8192, self.config.data.max_seq_len))
-        profile = measure_profile(mesh, self.config.model.shape, self.dtype, max_tokens)
-        if mesh.rank == 0:
-            try:
-                profile.save(path)
-                self.log(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
-            except (OSError, ProfileError) as error:
-                self.warn(f"warning: could not write the profile to {path}: {error}")
-        return Profile.from_dict(rank0_value(profile.to_dict(), mesh.device), source=str(path))
-
-    def _read_profile(self, path: Path) -> dict:
-        """{'profile': ...}, {'measure': True} (and its folder exists) or {'error': ...}."""
-        if path.exists():
-            try:
-                profile = Profile.load(path)
-                profile.check_matches(dtype=self.config.train.dtype, sp=self.mesh.sp)
-            except ProfileError as error:
-                return {"error": f"parallel.profile: {error}"}
-            return {"profile": profile.to_dict()}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            return {"error": f"parallel.profile {str(path)!r}: cannot create its folder "
-                             f"({error.strerror or error})"}  # fmt: skip
-        return {"measure": True}
+            return resolve_profile(self.config.parallel.profile, self.mesh, self.config.model.shape,
+                                   self.dtype, max_tokens=max_tokens, log=self.log,
+                                   warn=self.warn)  # fmt: skip
+        except ValueError as error:
+            raise RunError(str(error)) from None
 
     def _planner(self, strategy: str, method: str, profile, hardware) -> Planner:
         par = self.config.parallel
