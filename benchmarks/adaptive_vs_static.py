@@ -1,25 +1,31 @@
 """Adaptive planning against every static strategy, on the same micro-batches and one budget.
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/adaptive_vs_static.py \\
-        [--memory-budget 80MiB] [--batches 14] [--min-tokens 64] [--max-tokens 8192] [--seed 0]
+        [--memory-budget 128MiB] [--batches 8] [--min-tokens 64] [--max-tokens 8192] [--seed 0] \\
+        [--repeats 3] [--ceiling] [--predict]
 
 The model is launch/configs/cpu_tiny.toml's (override with --config / --set), trained by the real
 `paradyse.Engine` on one switchable group of every rank (sp = world size). The micro-batches are
 windows of the default corpus (the standard library's sources, byte tokens): `--batches` lengths
 spaced geometrically from --min-tokens to --max-tokens (two decades by default), each cut from a
 document of at least that length, shuffled; all fixed by --seed, so every method sees the same
-batches in the same order.
+batches in the same order. Short lengths repeat (ceil(sqrt(8192 / n)) copies) so that they weigh
+in the total time as they do in training; `--no-repeat` uses each length once.
 
 Methods: `exact` and `paradyse` (adaptive: a plan per micro-batch, per layer) and `static:NAME`
 for every strategy the model supports at this sp (one strategy on every layer, with the fastest
 recompute mode that fits, uniform over the layers). Each method gets a fresh model (same seed),
-its own planner at the same per-rank budget, and an Engine; every micro-batch is one optimizer
-step (forward + backward + optimizer), timed by the engine on the slowest rank. The two shortest
-micro-batches run once first, untimed (warm-up). A micro-batch the method's planner cannot fit
-(InfeasibleError) is counted as unfit and skipped.
+its own planner at the same per-rank budget, and an Engine; every micro-batch is an optimizer
+step (forward + backward + optimizer), timed by the engine on the slowest rank. The methods are
+interleaved: each micro-batch runs `--repeats` times on every method, the methods taking turns in
+an order that rotates, and a method's time for the batch is the median of its repeats, so a slow
+spell of the shared machine neither lands on one method nor survives the median. The two
+shortest micro-batches run once first, untimed (warm-up). A micro-batch the method's planner
+cannot fit (InfeasibleError) is counted as unfit and skipped.
 
 Definitions (the table and the last line):
-- tokens/s of a method: the tokens of the micro-batches it ran / the sum of their step times.
+- tokens/s of a method: the tokens of the micro-batches it ran / the sum of their step times;
+  "predicted x" is the same ratio to the best static from the cost model's times of the plans.
 - unfit: micro-batches it could not fit in the budget.
 - best static: the static strategy with the highest tokens/s over the micro-batches it can run,
   whatever its unfit count (so a static that skips the long batches is judged on the rest; its
@@ -31,15 +37,20 @@ Definitions (the table and the last line):
 - the last line: `adaptive/best-static = X.XXx  adaptive/oracle = Y.YYx  unfit(best-static) = N`,
   adaptive = the exact planner. The ratios compare tokens/s.
 
-The default budget, 96 MiB per rank, comes from the cost model (`--predict`, cheap): there the
-exact planner fits single sequences up to ~11,100 tokens, tp_sp (the fastest strategy below ~1.5K
-tokens) only ~8,400 and must recompute (selective/full on every layer) from ~2.7K tokens on,
-while the sequence-sharded strategies (ulysses, ring, usp) fit 8192 tokens with less recompute
-but are 1.3-2x slower than tp_sp on short batches. Tighter budgets (<= ~88 MiB) make tp_sp unfit
-for the 8192-token batch, which (by the definition above) raises its tokens/s, as the longest
-batches have the lowest tokens/s: the predicted adaptive/best-static is 1.00x at 80 MiB, 1.13x at
-96 MiB, 1.14x at 112 MiB. The lengths repeat short micro-batches (ceil(sqrt(8192 / n)) copies) so
-that they weigh in the total time as they do in training; `--no-repeat` uses each length once.
+`--ceiling` adds a pass that measures every uniform option (each strategy with each recompute
+mode on every layer) on one micro-batch of every distinct length, with no memory limit, and
+prints `ceiling/best-static`: tokens/s if every batch ran its fastest option, over the best
+static's (each static taking the option its planner picks within the budget), both from that
+pass. Layer-wise plans cost a mix of these options' per-layer times, so this bounds what any
+planner can gain on this machine, model and mix.
+
+`--predict` prints the same table from the cost model alone in about a second (use it to
+explore budgets). The default budget, 128 MiB per rank, is where the cost model predicts the
+largest gain (1.05x at 80 MiB, 1.10x at 96, 1.14x at 128, 1.07-1.08x from 144 up): at 8192
+tokens tp_sp's larger transients force full recompute on every layer (1.46x slower than
+exact's ulysses+selective), at 4096 tp_sp is 1.15x slower than ulysses, while below ~2K tokens
+tp_sp is the fastest option (measured: 1.1x ahead at 1K tokens, 1.5x at 64). Tighter budgets
+(<= ~88 MiB) make tp_sp unfit for the 8192-token batch; it is then judged on the rest.
 """
 
 from __future__ import annotations
@@ -60,7 +71,7 @@ from paradyse import DecoderModel, Engine
 from paradyse.data import StdlibCorpus
 from paradyse.mesh import rank0_value
 from paradyse.planning import build_planner, resolve_profile
-from parallel_lib import STRATEGY_NAMES, get_strategy
+from parallel_lib import RECOMPUTE_MODES, STRATEGY_NAMES, get_strategy
 from planners import InfeasibleError, format_bytes, parse_bytes
 
 MiB = 1 << 20
@@ -74,7 +85,9 @@ HEADLINE = "adaptive/best-static = {:.2f}x  adaptive/oracle = {:.2f}x  unfit(bes
 class MethodResult:
     method: str
     seconds: list[float | None] = field(default_factory=list)
-    """Per micro-batch, the measured (or predicted) step seconds; None: unfit."""
+    """Per micro-batch, the measured (or, with --predict, predicted) step seconds; None: unfit."""
+    predicted: list[float | None] = field(default_factory=list)
+    """Per micro-batch, the cost model's seconds of its plan (the layers); None: unfit."""
     plans: list[str] = field(default_factory=list)
     peak_bytes: int = 0
     """The largest predicted peak (static + saved + transient) of the batches it ran."""
@@ -83,8 +96,9 @@ class MethodResult:
     def unfit(self) -> int:
         return sum(s is None for s in self.seconds)
 
-    def tokens_per_s(self, lengths: list[int]) -> float:
-        ran = [(n, s) for n, s in zip(lengths, self.seconds, strict=True) if s is not None]
+    def tokens_per_s(self, lengths: list[int], *, predicted: bool = False) -> float:
+        seconds = self.predicted if predicted else self.seconds
+        ran = [(n, s) for n, s in zip(lengths, seconds, strict=True) if s is not None]
         total = sum(s for _, s in ran)
         return sum(n for n, _ in ran) / total if total > 0 else 0.0
 
@@ -162,38 +176,68 @@ def methods_for(config, sp: int, wanted: str) -> list[str]:
 
 
 def make_planner(method: str, config, mesh, budget: float, profile, hardware):
+    """exact / paradyse, or static:NAME[+MODE] (MODE fixes the recompute mode)."""
     strategy, planner = ("adaptive", method) if method in ADAPTIVE_METHODS else (
         method.removeprefix("static:"), "exact")  # fmt: skip
+    strategy, _, recompute = strategy.partition("+")
     return build_planner(
         config.model, sp=mesh.sp, dp=mesh.dp, strategy=strategy, planner=planner,
-        budget_bytes=budget, dtype=config.train.dtype, profile=profile, hardware=hardware,
+        recompute=recompute or None, budget_bytes=budget, dtype=config.train.dtype,
+        profile=profile, hardware=hardware,
     )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ running
-def run_method(method, config, mesh, budget, profile, hardware, batches, warmup) -> MethodResult:
-    """Every micro-batch as one optimizer step of a fresh model (collective)."""
-    planner = make_planner(method, config, mesh, budget, profile, hardware)
-    dtype = getattr(torch, config.train.dtype)
-    model = DecoderModel(config.model, mesh.sp_group, seed=config.train.seed, dtype=dtype,
-                         device=mesh.device)  # fmt: skip
-    engine = Engine(model, mesh, planner, config.optim, total_steps=len(batches) + len(warmup),
-                    measure_memory=False)  # fmt: skip
-    result = MethodResult(method)
+class MethodRun:
+    """One method's planner, fresh model (same seed for every method) and Engine."""
+
+    def __init__(self, method, config, mesh, budget, profile, hardware, steps: int) -> None:
+        self.method = method
+        self.planner = make_planner(method, config, mesh, budget, profile, hardware)
+        dtype = getattr(torch, config.train.dtype)
+        model = DecoderModel(config.model, mesh.sp_group, seed=config.train.seed, dtype=dtype,
+                             device=mesh.device)  # fmt: skip
+        self.engine = Engine(model, mesh, self.planner, config.optim, total_steps=steps,
+                             measure_memory=False)  # fmt: skip
+
+    def step(self, tokens: list[int]):
+        """One optimizer step on the micro-batch (collective); None when it does not fit."""
+        if not self.planner.fits([len(tokens)]):
+            return None
+        return self.engine.step([[tokens]], len(tokens) - 1)
+
+
+def run_methods(methods, config, mesh, budget, profile, hardware, batches, warmup,
+                repeats: int) -> list[MethodResult]:  # fmt: skip
+    """Every micro-batch as `repeats` optimizer steps of every method, interleaved: for each
+    batch the methods take turns (in an order that rotates from batch to batch), so a slow
+    spell of the machine hits them alike; a method's time for the batch is the median of its
+    repeats (collective)."""
+    runs = [MethodRun(m, config, mesh, budget, profile, hardware,
+                      repeats * len(batches) + len(warmup)) for m in methods]  # fmt: skip
+    results = [MethodResult(m) for m in methods]
     for i in warmup:
-        if planner.fits([len(batches[i])]):
-            engine.step([[batches[i]]], len(batches[i]) - 1)
-    for tokens in batches:
-        if not planner.fits([len(tokens)]):
-            result.seconds.append(None)
-            result.plans.append("-")
-            continue
-        step = engine.step([[tokens]], len(tokens) - 1)
-        plan = step.micro_batches[0].plan
-        result.seconds.append(step.step_s)
-        result.plans.append(str(plan))
-        result.peak_bytes = max(result.peak_bytes, step.predicted_peak_bytes)
-    return result
+        for run in runs:
+            run.step(batches[i])
+    for b, tokens in enumerate(batches):
+        times: list[list[float]] = [[] for _ in runs]
+        for r in range(repeats):
+            shift = (b * repeats + r) % len(runs)
+            for k in list(range(shift, len(runs))) + list(range(shift)):
+                step = runs[k].step(tokens)
+                if step is None:
+                    continue
+                times[k].append(step.step_s)
+                if r == 0:
+                    results[k].plans.append(str(step.micro_batches[0].plan))
+                    results[k].predicted.append(step.predicted_s)
+                    results[k].peak_bytes = max(results[k].peak_bytes, step.predicted_peak_bytes)
+        for result, measured in zip(results, times, strict=True):
+            result.seconds.append(float(np.median(measured)) if measured else None)
+            if not measured:
+                result.plans.append("-")
+                result.predicted.append(None)
+    return results
 
 
 def predict_method(method, config, mesh, budget, profile, hardware, batches) -> MethodResult:
@@ -205,12 +249,79 @@ def predict_method(method, config, mesh, budget, profile, hardware, batches) -> 
             plan = planner.plan([len(tokens)])
         except InfeasibleError:
             result.seconds.append(None)
+            result.predicted.append(None)
             result.plans.append("-")
             continue
         result.seconds.append(plan.predicted_s)
+        result.predicted.append(plan.predicted_s)
         result.plans.append(str(plan))
         result.peak_bytes = max(result.peak_bytes, plan.predicted_peak_bytes)
     return result
+
+
+# ------------------------------------------------------------------------------ ceiling
+@dataclass
+class Ceiling:
+    """Every uniform option (one strategy and recompute mode on every layer) measured once per
+    distinct length, with no memory limit: what any per-batch choice could reach."""
+
+    lengths: list[int]
+    """The distinct lengths, ascending."""
+    options: list[str]
+    """static:NAME+MODE for every strategy the model supports and every recompute mode."""
+    seconds: dict[str, list[float]]
+    """option -> measured step seconds per distinct length."""
+
+
+def measure_ceiling(methods, config, mesh, budget, profile, hardware, lengths, batches,
+                    repeats: int) -> Ceiling:  # fmt: skip
+    """Run every uniform option on one micro-batch of each distinct length (interleaved, the
+    median of `repeats` steps; collective)."""
+    distinct = sorted(set(lengths))
+    first = [batches[lengths.index(n)] for n in distinct]
+    options = [f"{m}+{mode}" for m in methods if m.startswith("static:")
+               for mode in RECOMPUTE_MODES]  # fmt: skip
+    results = run_methods(options, config, mesh, float(1 << 50), profile, hardware, first, [],
+                          repeats)  # fmt: skip
+    return Ceiling(distinct, options, {r.method: r.seconds for r in results})
+
+
+def ceiling_report(ceiling: Ceiling, methods, config, mesh, budget, profile, hardware,
+                   lengths) -> list[str]:  # fmt: skip
+    """The per-length table and the ceiling's ratio to the best static, both from the ceiling
+    run: a static's time for a length is that of the option its planner picks there within
+    the budget; the ceiling's is the fastest option whatever its memory (a bound on adaptive,
+    whose layer-wise plans cost a mix of these options' per-layer times)."""
+    index = {n: i for i, n in enumerate(ceiling.lengths)}
+    fastest = [min(ceiling.seconds[o][i] for o in ceiling.options)
+               for i in range(len(ceiling.lengths))]  # fmt: skip
+    statics = []
+    for method in (m for m in methods if m.startswith("static:")):
+        planner = make_planner(method, config, mesh, budget, profile, hardware)
+        result = MethodResult(method)
+        for n in lengths:
+            try:
+                option = planner.plan([n]).options[0]
+            except InfeasibleError:
+                result.seconds.append(None)
+                continue
+            name = f"static:{option.strategy}+{option.recompute}"
+            result.seconds.append(ceiling.seconds[name][index[n]])
+        statics.append(result)
+    rates = {r.method: r.tokens_per_s(lengths) for r in statics}
+    best = max(statics, key=lambda r: rates[r.method])
+    bound = sum(lengths) / sum(fastest[index[n]] for n in lengths)
+    lines = ["", "ceiling: every uniform option, ms per step (median), no memory limit"]
+    lines.append(f"{'option':<24} " + " ".join(f"{n:>6}" for n in ceiling.lengths))
+    for option in ceiling.options:
+        cells = " ".join(f"{s * 1e3:>6.0f}" for s in ceiling.seconds[option])
+        lines.append(f"{option.removeprefix('static:'):<24} {cells}")
+    lines.append(f"{'fastest':<24} " + " ".join(f"{s * 1e3:>6.0f}" for s in fastest))
+    lines.append(
+        f"ceiling/best-static = {bound / rates[best.method]:.2f}x  ({_short(best.method)}, "
+        f"unfit {best.unfit}; the fastest option for every batch, measured in this pass)"
+    )
+    return lines
 
 
 # ------------------------------------------------------------------------------ report
@@ -233,6 +344,7 @@ def oracle_seconds(results: list[MethodResult]) -> list[float]:
 def summarise(results: list[MethodResult], lengths: list[int]) -> dict:
     """tokens/s of every method, the best static, the oracle and the headline ratios."""
     rates = {r.method: r.tokens_per_s(lengths) for r in results}
+    predicted = {r.method: r.tokens_per_s(lengths, predicted=True) for r in results}
     statics = [r for r in results if r.static]
     best = max(statics, key=lambda r: rates[r.method]) if statics else None
     ran = [(n, s) for n, s in zip(lengths, oracle_seconds(results), strict=True) if s is not None]
@@ -241,6 +353,7 @@ def summarise(results: list[MethodResult], lengths: list[int]) -> dict:
     best_rate = rates[best.method] if best else float("nan")
     return {
         "rates": rates,
+        "predicted_rates": predicted,
         "unfit": {r.method: r.unfit for r in results},
         "best_static": best.method if best else None,
         "best_static_rate": best_rate,
@@ -253,16 +366,19 @@ def summarise(results: list[MethodResult], lengths: list[int]) -> dict:
 
 def format_report(results, lengths, summary, *, per_batch: bool = True) -> list[str]:
     best_rate = summary["best_static_rate"]
-    lines = [f"{'method':<16} {'tokens/s':>9} {'unfit':>5} {'x best static':>13} {'peak MiB':>9}"]
+    predicted = summary["predicted_rates"]
+    best_predicted = predicted.get(summary["best_static"], float("nan"))
+    lines = [f"{'method':<16} {'tokens/s':>9} {'unfit':>5} {'x best static':>13} "
+             f"{'predicted x':>11} {'peak MiB':>9}"]  # fmt: skip
     for r in results:
         rate = summary["rates"][r.method]
         mark = "  <- best static" if r.method == summary["best_static"] else ""
         lines.append(
             f"{r.method:<16} {rate:>9.0f} {r.unfit:>5} {rate / best_rate:>13.2f} "
-            f"{r.peak_bytes / MiB:>9.1f}{mark}"
+            f"{predicted[r.method] / best_predicted:>11.2f} {r.peak_bytes / MiB:>9.1f}{mark}"
         )
     oracle = summary["oracle_rate"]
-    lines.append(f"{'oracle':<16} {oracle:>9.0f} {0:>5} {oracle / best_rate:>13.2f} {'':>9}")
+    lines.append(f"{'oracle':<16} {oracle:>9.0f} {0:>5} {oracle / best_rate:>13.2f}")
     if per_batch:
         best = oracle_seconds(results)
         lines.append("")
@@ -293,7 +409,7 @@ def headline(summary: dict) -> str:
 # ------------------------------------------------------------------------------ main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--memory-budget", default="96MiB", help="per-rank budget (default 96MiB)")
+    p.add_argument("--memory-budget", default="128MiB", help="per-rank budget (default 128MiB)")
     p.add_argument("--batches", type=int, default=8, help="distinct lengths (default 8)")
     p.add_argument("--min-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=8192)
@@ -303,7 +419,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--profile", default=PROFILE, help="cost-model profile; 'none': datasheet")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="steps per micro-batch and method; the median is its time (default 3)",
+    )
     p.add_argument("--predict", action="store_true", help="cost model only, no training steps")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also measure every uniform option per distinct length (slow): the\n"
+                        "most any per-batch choice could gain over the best static")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -321,6 +446,8 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
     try:
         budget = float(parse_bytes(args.memory_budget, "--memory-budget"))
         methods = methods_for(config, mesh.sp, args.methods)
+        if args.repeats < 1:
+            raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
         lengths = micro_batch_lengths(args.batches, args.min_tokens, args.max_tokens, args.seed,
                                       not args.no_repeat)  # fmt: skip
         batches = corpus_windows(lengths, args.seed)
@@ -341,16 +468,19 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
     )
     warmup = sorted(range(len(lengths)), key=lambda i: lengths[i])[:2]
     start = time.perf_counter()
-    results = []
-    for method in methods:
-        if args.predict:
-            results.append(predict_method(method, config, mesh, budget, profile, hardware,
-                                          batches))  # fmt: skip
-        else:
-            results.append(run_method(method, config, mesh, budget, profile, hardware, batches,
-                                      warmup))  # fmt: skip
+    if args.predict:
+        results = [predict_method(m, config, mesh, budget, profile, hardware, batches)
+                   for m in methods]  # fmt: skip
+    else:
+        results = run_methods(methods, config, mesh, budget, profile, hardware, batches, warmup,
+                              args.repeats)  # fmt: skip
     summary = summarise(results, lengths)
     lines = format_report(results, lengths, summary)
+    if args.ceiling and not args.predict:
+        ceiling = measure_ceiling(methods, config, mesh, budget, profile, hardware, lengths,
+                                  batches, args.repeats)  # fmt: skip
+        lines += ceiling_report(ceiling, methods, config, mesh, budget, profile, hardware,
+                                lengths)  # fmt: skip
     lines.append(f"{time.perf_counter() - start:.0f} s")
     lines.append(headline(summary))
     for line in lines:

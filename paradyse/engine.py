@@ -26,7 +26,7 @@ from planners import Option, Plan, Planner
 from .batch import PackedBatch
 from .memory import PeakMemory
 from .mesh import Mesh
-from .optim import FlatUnit, OptimConfig, UnitOptimizer, learning_rate
+from .optim import FlatUnit, OptimConfig, UnitOptimizer, learning_rate, reduce_replicated
 
 __all__ = ["Engine", "LayerHooks", "OptimizerWrapper", "StepResult", "MicroBatchResult"]
 
@@ -285,8 +285,9 @@ class Engine:
     def _update(self, trainable: list[bool]) -> tuple[float, float]:
         """Reduce gradients, clip by the global norm, step AdamW, zero gradients."""
         active = [o for o, t in zip(self.optimizers, trainable, strict=True) if t]
+        reduce_replicated(active)
         for opt in active:
-            opt.reduce()
+            opt.reduce(over_sp=False)
         sharded, replicated = 0.0, 0.0
         for opt in active:
             a, b = opt.square_norms()

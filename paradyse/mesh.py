@@ -12,6 +12,8 @@ import torch.distributed as dist
 
 from parallel_lib import CommGroup, new_groups, new_sp_groups
 
+from .memory import keep_freed_host_memory
+
 __all__ = ["Mesh", "init_mesh", "rank0_value"]
 
 
@@ -82,7 +84,8 @@ def init_mesh(sp: int | None = None, *, backend: str | None = None) -> Mesh:
     (nccl where CUDA is present, else gloo, unless `backend` says otherwise); a process group
     initialised by the caller is used as it is. A plain process without torchrun is a world of
     one, on cuda:0 where CUDA is present. The device follows the backend: nccl -> cuda:LOCAL_RANK
-    (made current), gloo -> cpu."""
+    (made current), gloo -> cpu; on cpu, malloc keeps freed memory for reuse
+    (`paradyse.memory.keep_freed_host_memory`)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -98,6 +101,8 @@ def init_mesh(sp: int | None = None, *, backend: str | None = None) -> Mesh:
     device = torch.device(f"cuda:{local_rank}") if on_cuda else torch.device("cpu")
     if on_cuda:
         torch.cuda.set_device(device)
+    else:
+        keep_freed_host_memory()  # CPU tensors live in malloc's heap: keep it, like CUDA's cache
     sp = world if sp is None else sp
     if sp < 1 or world % sp:
         raise ValueError(

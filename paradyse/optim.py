@@ -2,8 +2,9 @@
 
 The parameters of each unit (one switchable layer, or everything else) are views into one flat
 buffer, and so are their gradients: autograd accumulates micro-batches in place, and each
-reduction is one collective per unit. Within a buffer the sp-sharded parameters come first and
-the replicated ones after them in one run, summed over sp with one all-reduce; matrices are
+reduction over dp is one collective per unit. Within a buffer the sp-sharded parameters come
+first and the replicated ones after them in one run; the runs of every unit are summed over sp
+by one all-reduce (`reduce_replicated`: they are small, so latency is their cost). Matrices are
 weight-decayed, vectors (norms) not.
 
 Data parallelism sums gradients over dp: an all-reduce, or with `shard_optimizer` a
@@ -25,7 +26,10 @@ from parallel_lib import CommGroup, all_gather_dim0, all_reduce_, reduce_scatter
 
 from .model import is_sharded
 
-__all__ = ["OptimConfig", "FlatUnit", "Segment", "UnitOptimizer", "learning_rate", "decays"]
+__all__ = [
+    "OptimConfig", "FlatUnit", "Segment", "UnitOptimizer", "learning_rate", "decays",
+    "reduce_replicated",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,29 @@ class FlatUnit:
         self.grad.zero_()
 
 
+def reduce_replicated(optimizers: Sequence[UnitOptimizer]) -> None:
+    """Sum the replicated gradients of every unit over sp with one all-reduce per dtype and
+    device, not one per unit (they are small: norm weights; latency dominates their cost).
+    Follow with `reduce(over_sp=False)` on each unit."""
+    buckets: dict[tuple, list[Tensor]] = {}
+    groups: dict[tuple, CommGroup] = {}
+    for opt in optimizers:
+        lo, hi = opt.unit.replicated
+        if opt.sp_group.size > 1 and hi > lo:
+            grad = opt.unit.grad
+            key = (grad.dtype, grad.device, id(opt.sp_group))
+            buckets.setdefault(key, []).append(grad[lo:hi])
+            groups[key] = opt.sp_group
+    for key, views in buckets.items():
+        flat = torch.cat(views) if len(views) > 1 else views[0]
+        all_reduce_(flat, groups[key])
+        if len(views) > 1:
+            offset = 0
+            for view in views:
+                view.copy_(flat[offset : offset + view.numel()])
+                offset += view.numel()
+
+
 class UnitOptimizer:
     """AdamW for one FlatUnit on this dp rank's slice (all of it without ZeRO-1).
 
@@ -196,11 +223,12 @@ class UnitOptimizer:
         return pieces
 
     # ------------------------------------------------------------------ gradients
-    def reduce(self) -> None:
-        """Sum over sp (replicated parameters) and over dp (every parameter)."""
+    def reduce(self, *, over_sp: bool = True) -> None:
+        """Sum over sp (replicated parameters) and over dp (every parameter). over_sp=False
+        leaves the sp sum to `reduce_replicated`, which does it for many units at once."""
         unit = self.unit
         rep_lo, rep_hi = unit.replicated
-        if self.sp_group.size > 1 and rep_hi > rep_lo:
+        if over_sp and self.sp_group.size > 1 and rep_hi > rep_lo:
             all_reduce_(unit.grad[rep_lo:rep_hi], self.sp_group)
         if self.dp_group.size == 1:
             return

@@ -115,8 +115,9 @@ def _parser() -> argparse.ArgumentParser:
         "--seq-lens", required=True, help="the micro-batch's sequence lengths, e.g. 131072,4096"
     )
     p.add_argument(
-        "--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype"
-    )
+        "--dtype", default=None, choices=["bfloat16", "float32"],
+        help="compute dtype (default: the profile's, else bfloat16)",
+    )  # fmt: skip
     p.add_argument("--method", default="exact", help="exact, paradyse or static:STRATEGY[+MODE]")
     p.add_argument("--strategies", default=None, help="comma-separated strategies to consider")
     p.add_argument(
@@ -148,8 +149,11 @@ def _whatif(args) -> tuple[WhatIf, list[int]]:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
     budget = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget else None
     sp = hardware.devices_per_node if args.sp is None else args.sp
+    dtype = args.dtype or (profile.machine.get("dtype") if profile else None) or "bfloat16"
+    if profile is not None:
+        profile.check_matches(dtype=dtype)
     whatif = WhatIf(
-        hardware, model, sp, args.dp, args.dtype, budget,
+        hardware, model, sp, args.dp, dtype, budget,
         profile, args.strategies.split(",") if args.strategies else None,
         [args.recompute] if args.recompute else None, args.shard_optimizer,
     )  # fmt: skip

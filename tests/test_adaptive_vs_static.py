@@ -34,7 +34,9 @@ def test_lengths_are_deterministic_and_span_the_range() -> None:
 
 
 def test_adaptive_vs_static_smoke() -> None:
-    results = run_distributed(2, benchmark_case, ["--memory-budget", "1GiB"], timeout=120)
+    results = run_distributed(
+        2, benchmark_case, ["--memory-budget", "1GiB", "--repeats", "2"], timeout=120
+    )
     summary = results[0]
     assert results[1]["printed"] == []  # only rank 0 prints
     methods = summary["methods"]
@@ -67,3 +69,30 @@ def test_predict_counts_unfit_batches() -> None:
         seconds = summary["seconds"][method]
         assert summary["unfit"][method] == sum(s is None for s in seconds) and len(seconds) == n
     assert summary["unfit"]["exact"] == 1  # the 256-token batch (the cost model fits 164)
+
+
+def test_ceiling_is_the_fastest_option_and_bounds_every_static() -> None:
+    """The ceiling pass measures every strategy x recompute mode per distinct length; its
+    `fastest` row is their minimum, so its ratio to the best static is at least 1."""
+    summary = run_distributed(
+        2, benchmark_case, ["--memory-budget", "1GiB", "--repeats", "1", "--ceiling"], timeout=180
+    )[0]
+    lines = summary["printed"]
+    start = lines.index("ceiling: every uniform option, ms per step (median), no memory limit")
+    header = lines[start + 1].split()
+    assert header[0] == "option" and [int(n) for n in header[1:]] == sorted(set(summary["lengths"]))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if line.startswith("ceiling/best-static"):
+            break
+        name, *cells = line.split()
+        rows[name] = [int(c) for c in cells]
+    statics = [m.removeprefix("static:") for m in summary["methods"] if m.startswith("static:")]
+    assert set(rows) == {f"{s}+{m}" for s in statics for m in ("none", "selective", "full")} | {
+        "fastest"
+    }
+    fastest = rows.pop("fastest")
+    assert fastest == [min(column) for column in zip(*rows.values(), strict=True)]
+    ratio = re.match(r"^ceiling/best-static = (\d+\.\d\d)x  \((\w+), unfit 0; ", lines[-3])
+    assert ratio and float(ratio.group(1)) >= 1.0 and ratio.group(2) in statics, lines[-3]
+    assert HEADLINE.match(lines[-1])

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from paradyse.model import mark_sharded
-from paradyse.optim import FlatUnit, OptimConfig, UnitOptimizer, learning_rate
+from paradyse.optim import FlatUnit, OptimConfig, UnitOptimizer, learning_rate, reduce_replicated
 from parallel_lib import CommGroup
 
 from .harness import run_distributed
@@ -129,3 +129,37 @@ def test_schedule_warms_up_then_reaches_the_floor() -> None:
     assert lrs[:3] == [1 / 3, 2 / 3, 1.0]
     assert math.isclose(lrs[-1], 0.1)
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+
+
+def _replicated_sum():
+    """Three units on an sp group of 2 (two float32 with replicated parts, one without) reduced
+    by one all-reduce, against each unit's own all-reduce."""
+    mesh = mesh_for(2)
+    g = torch.Generator().manual_seed(7 + mesh.rank)
+    units, optimizers = [], []
+    for k, shapes in enumerate([[(4, 3), (5,)], [(2, 2), (3,), (1,)], [(6, 2)]]):
+        params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+        mark_sharded(params[0])  # the matrix is a shard; vectors are replicated
+        unit = FlatUnit(f"u{k}", params, 1)
+        unit.grad.copy_(torch.randn(unit.grad.shape, generator=g))
+        units.append(unit)
+        optimizers.append(UnitOptimizer(unit, CONFIG, sp_group=mesh.sp_group,
+                                        dp_group=mesh.dp_group))  # fmt: skip
+    before = [u.grad.clone() for u in units]
+    reduce_replicated(optimizers)
+    fused = [u.grad.clone() for u in units]
+    for unit, grad in zip(units, before, strict=True):
+        unit.grad.copy_(grad)
+    for opt in optimizers:
+        opt.reduce()
+    return before, fused, [u.grad.clone() for u in units], [u.replicated for u in units]
+
+
+def test_one_all_reduce_sums_every_units_replicated_gradients() -> None:
+    (b0, fused, alone, spans), (b1, _, _, _) = run_distributed(2, _replicated_sum)
+    for k, (lo, hi) in enumerate(spans):
+        want = b0[k].clone()
+        want[lo:hi] = b0[k][lo:hi] + b1[k][lo:hi]  # sharded parts untouched, replicated summed
+        torch.testing.assert_close(fused[k], want, rtol=0, atol=0)
+        torch.testing.assert_close(alone[k], want, rtol=0, atol=0)
+    assert spans[2][0] == spans[2][1]  # the third unit has nothing replicated

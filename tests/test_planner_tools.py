@@ -109,3 +109,18 @@ def test_length_distributions_have_the_papers_facts() -> None:
     assert set(LENGTH_DISTRIBUTIONS) == {"githubcode", "grch38"}
     with pytest.raises(ValueError, match="unknown length distribution 'books'"):
         sample_lengths("books", 10)
+
+
+def test_explain_takes_the_profiles_dtype_and_refuses_another_in_one_line(capsys, tmp_path) -> None:
+    from .test_cost_model import make_profile
+
+    path = tmp_path / "float32.json"
+    make_profile().save(path)
+    base = ["--hardware", "cpu", "--model", "cpu-tiny", "--sp", "2", "--seq-lens", "300"]
+    code, out, err = _explain(capsys, *base, "--profile", str(path))
+    assert code == 0 and err == "" and ", float32, profiled rates" in out.splitlines()[0]
+    code, out, err = _explain(capsys, *base, "--profile", str(path), "--dtype", "bfloat16")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "measured in float32" in lines[0], err
+    code, out, _ = _explain(capsys, *base)
+    assert code == 0 and ", bfloat16, datasheet rates" in out.splitlines()[0]
