@@ -37,12 +37,12 @@ Definitions (the table and the last line):
 - the last line: `adaptive/best-static = X.XXx  adaptive/oracle = Y.YYx  unfit(best-static) = N`,
   adaptive = the exact planner. The ratios compare tokens/s.
 
-`--ceiling` adds a pass that measures every uniform option (each strategy with each recompute
+`--ceiling` adds a pass that measures every uniform option (each strategy, split and recompute
 mode on every layer) on one micro-batch of every distinct length, with no memory limit, and
-prints `ceiling/best-static`: tokens/s if every batch ran its fastest option, over the best
-static's (each static taking the option its planner picks within the budget), both from that
-pass. Layer-wise plans cost a mix of these options' per-layer times, so this bounds what any
-planner can gain on this machine, model and mix.
+prints `ceiling/best-static`: tokens/s if every batch the exact planner fits ran its fastest
+option, over the best static's with each batch it ran on the option it ran there, both timed in
+that pass. Layer-wise plans cost a mix of these options' per-layer times, so this bounds what
+any planner can gain on this machine, model and mix (up to the noise between the two passes).
 
 `--predict` prints the same table from the cost model alone in about a second (use it to
 explore budgets). The default budget, 128 MiB per rank, is where the cost model predicts the
@@ -71,8 +71,8 @@ from paradyse import DecoderModel, Engine
 from paradyse.data import StdlibCorpus
 from paradyse.mesh import rank0_value
 from paradyse.planning import build_planner, resolve_profile
-from parallel_lib import RECOMPUTE_MODES, STRATEGY_NAMES, get_strategy
-from planners import InfeasibleError, format_bytes, parse_bytes
+from parallel_lib import STRATEGY_NAMES, get_strategy
+from planners import InfeasibleError, Planner, format_bytes, parse_bytes, parse_option_label
 
 MiB = 1 << 20
 CONFIG = "launch/configs/cpu_tiny.toml"
@@ -176,15 +176,24 @@ def methods_for(config, sp: int, wanted: str) -> list[str]:
 
 
 def make_planner(method: str, config, mesh, budget: float, profile, hardware):
-    """exact / paradyse, or static:NAME[+MODE] (MODE fixes the recompute mode)."""
-    strategy, planner = ("adaptive", method) if method in ADAPTIVE_METHODS else (
-        method.removeprefix("static:"), "exact")  # fmt: skip
-    strategy, _, recompute = strategy.partition("+")
-    return build_planner(
+    """exact / paradyse, or static:LABEL with an option label (tp_sp, ring+full, usp2x2+none:
+    a split and a recompute mode, when given, are fixed)."""
+    if method in ADAPTIVE_METHODS:
+        strategy, planner, recompute, label = "adaptive", method, None, None
+    else:
+        label = method.removeprefix("static:")
+        strategy, split, mode = parse_option_label(label)
+        planner, recompute = "exact", mode if "+" in label else None
+        label = label if split else None
+    built = build_planner(
         config.model, sp=mesh.sp, dp=mesh.dp, strategy=strategy, planner=planner,
-        recompute=recompute or None, budget_bytes=budget, dtype=config.train.dtype,
+        recompute=recompute, budget_bytes=budget, dtype=config.train.dtype,
         profile=profile, hardware=hardware,
     )  # fmt: skip
+    if label is None:
+        return built
+    return Planner(built.costs, built.budget_bytes, static_bytes=built.static_bytes,
+                   method=f"static:{label}")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ running
@@ -262,64 +271,68 @@ def predict_method(method, config, mesh, budget, profile, hardware, batches) -> 
 # ------------------------------------------------------------------------------ ceiling
 @dataclass
 class Ceiling:
-    """Every uniform option (one strategy and recompute mode on every layer) measured once per
-    distinct length, with no memory limit: what any per-batch choice could reach."""
+    """Every uniform option (one strategy, split and recompute mode on every layer) measured
+    once per distinct length, with no memory limit: what any per-batch choice could reach."""
 
     lengths: list[int]
     """The distinct lengths, ascending."""
     options: list[str]
-    """static:NAME+MODE for every strategy the model supports and every recompute mode."""
+    """Option labels with their recompute mode: tp_sp+none, usp2x2+full, ..."""
     seconds: dict[str, list[float]]
     """option -> measured step seconds per distinct length."""
 
 
-def measure_ceiling(methods, config, mesh, budget, profile, hardware, lengths, batches,
+def uniform_label(plan: str) -> str:
+    """'ring+full x4' (a static's uniform plan as printed) -> 'ring+full'; 'tp_sp x4' ->
+    'tp_sp+none'."""
+    label = plan.rsplit(" x", 1)[0]
+    return label if "+" in label else f"{label}+none"
+
+
+def measure_ceiling(config, mesh, profile, hardware, lengths, batches, statics,
                     repeats: int) -> Ceiling:  # fmt: skip
-    """Run every uniform option on one micro-batch of each distinct length (interleaved, the
-    median of `repeats` steps; collective)."""
+    """Run every uniform option of the static strategies on one micro-batch of each distinct
+    length (the shortest first as a warm-up, then interleaved, the median of `repeats`
+    steps; collective)."""
     distinct = sorted(set(lengths))
     first = [batches[lengths.index(n)] for n in distinct]
-    options = [f"{m}+{mode}" for m in methods if m.startswith("static:")
-               for mode in RECOMPUTE_MODES]  # fmt: skip
-    results = run_methods(options, config, mesh, float(1 << 50), profile, hardware, first, [],
-                          repeats)  # fmt: skip
-    return Ceiling(distinct, options, {r.method: r.seconds for r in results})
+    names = {m.removeprefix("static:") for m in statics}
+    every = make_planner("exact", config, mesh, float(1 << 50), profile, hardware).options
+    options = [
+        f"{o.name.split('+')[0]}+{o.recompute}" for o in every if o.strategy in names
+    ]  # fmt: skip
+    results = run_methods([f"static:{o}" for o in options], config, mesh, float(1 << 50),
+                          profile, hardware, first, [0], repeats)  # fmt: skip
+    return Ceiling(distinct, options, {o: r.seconds for o, r in zip(options, results,
+                                                                   strict=True)})  # fmt: skip
 
 
-def ceiling_report(ceiling: Ceiling, methods, config, mesh, budget, profile, hardware,
-                   lengths) -> list[str]:  # fmt: skip
-    """The per-length table and the ceiling's ratio to the best static, both from the ceiling
-    run: a static's time for a length is that of the option its planner picks there within
-    the budget; the ceiling's is the fastest option whatever its memory (a bound on adaptive,
-    whose layer-wise plans cost a mix of these options' per-layer times)."""
+def ceiling_report(ceiling: Ceiling, results: list[MethodResult], lengths: list[int],
+                   summary: dict) -> list[str]:  # fmt: skip
+    """The per-length table and `ceiling/best-static`, both from the ceiling pass: the best
+    static's time for a batch is that of the option it ran there in the main pass; the
+    ceiling's is the fastest option whatever its memory, over the batches the exact planner
+    ran (a bound on the headline's adaptive/best-static up to the two passes' noise, as
+    layer-wise plans cost a mix of these options' per-layer times)."""
     index = {n: i for i, n in enumerate(ceiling.lengths)}
     fastest = [min(ceiling.seconds[o][i] for o in ceiling.options)
                for i in range(len(ceiling.lengths))]  # fmt: skip
-    statics = []
-    for method in (m for m in methods if m.startswith("static:")):
-        planner = make_planner(method, config, mesh, budget, profile, hardware)
-        result = MethodResult(method)
-        for n in lengths:
-            try:
-                option = planner.plan([n]).options[0]
-            except InfeasibleError:
-                result.seconds.append(None)
-                continue
-            name = f"static:{option.strategy}+{option.recompute}"
-            result.seconds.append(ceiling.seconds[name][index[n]])
-        statics.append(result)
-    rates = {r.method: r.tokens_per_s(lengths) for r in statics}
-    best = max(statics, key=lambda r: rates[r.method])
-    bound = sum(lengths) / sum(fastest[index[n]] for n in lengths)
+    best = next(r for r in results if r.method == summary["best_static"])
+    exact = next(r for r in results if r.method == "exact")
+    ran = [(n, uniform_label(p)) for n, p, s in zip(lengths, best.plans, best.seconds,
+                                                   strict=True) if s is not None]  # fmt: skip
+    static_rate = sum(n for n, _ in ran) / sum(ceiling.seconds[o][index[n]] for n, o in ran)
+    fit = [n for n, s in zip(lengths, exact.seconds, strict=True) if s is not None]
+    bound = sum(fit) / sum(fastest[index[n]] for n in fit)
     lines = ["", "ceiling: every uniform option, ms per step (median), no memory limit"]
     lines.append(f"{'option':<24} " + " ".join(f"{n:>6}" for n in ceiling.lengths))
     for option in ceiling.options:
         cells = " ".join(f"{s * 1e3:>6.0f}" for s in ceiling.seconds[option])
-        lines.append(f"{option.removeprefix('static:'):<24} {cells}")
+        lines.append(f"{option:<24} {cells}")
     lines.append(f"{'fastest':<24} " + " ".join(f"{s * 1e3:>6.0f}" for s in fastest))
     lines.append(
-        f"ceiling/best-static = {bound / rates[best.method]:.2f}x  ({_short(best.method)}, "
-        f"unfit {best.unfit}; the fastest option for every batch, measured in this pass)"
+        f"ceiling/best-static = {bound / static_rate:.2f}x  ({_short(best.method)}, unfit "
+        f"{best.unfit}; every batch the exact planner fits on its fastest option, this pass)"
     )
     return lines
 
@@ -448,6 +461,10 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
         methods = methods_for(config, mesh.sp, args.methods)
         if args.repeats < 1:
             raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+        if args.ceiling and args.predict:
+            raise ValueError("--ceiling measures steps; it does not combine with --predict")
+        if args.ceiling and ("exact" not in methods or methods == ["exact"]):
+            raise ValueError("--ceiling needs exact and at least one static:NAME in --methods")
         lengths = micro_batch_lengths(args.batches, args.min_tokens, args.max_tokens, args.seed,
                                       not args.no_repeat)  # fmt: skip
         batches = corpus_windows(lengths, args.seed)
@@ -476,17 +493,19 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
                               args.repeats)  # fmt: skip
     summary = summarise(results, lengths)
     lines = format_report(results, lengths, summary)
-    if args.ceiling and not args.predict:
-        ceiling = measure_ceiling(methods, config, mesh, budget, profile, hardware, lengths,
-                                  batches, args.repeats)  # fmt: skip
-        lines += ceiling_report(ceiling, methods, config, mesh, budget, profile, hardware,
-                                lengths)  # fmt: skip
+    if args.ceiling:
+        statics = [m for m in methods if m.startswith("static:")]
+        ceiling = measure_ceiling(config, mesh, profile, hardware, lengths, batches, statics,
+                                  args.repeats)  # fmt: skip
+        lines += ceiling_report(ceiling, results, lengths, summary)
+        summary["ceiling"] = {"lengths": ceiling.lengths, "seconds": ceiling.seconds}
     lines.append(f"{time.perf_counter() - start:.0f} s")
     lines.append(headline(summary))
     for line in lines:
         say(line)
     summary.update(lines=lines, lengths=lengths, methods=methods,
-                   seconds={r.method: r.seconds for r in results})  # fmt: skip
+                   seconds={r.method: r.seconds for r in results},
+                   plans={r.method: r.plans for r in results})  # fmt: skip
     if own_mesh and dist.is_initialized():
         dist.destroy_process_group()
     return summary

@@ -30,7 +30,8 @@ def keep_freed_host_memory() -> bool:
     their pages in again: measured on the default model at 8192 tokens on 4 CPU ranks, tp_sp
     took ~30,000 page faults per step and ran 1.2-1.4x slower than with the memory kept. Blocks of
     up to 32 MiB (glibc's largest threshold) now come from the heap, which is never trimmed;
-    the process's resident memory stays at its peak (what the planner's budget bounds)."""
+    the process's resident memory stays near its highest peak (the budget bounds the tensors,
+    not the heap's fragmentation)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -38,9 +39,8 @@ def keep_freed_host_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _INT_MAX)
-    )
+    kept = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+    return bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX) and kept)
 
 
 class _TotalTracker(MemTracker):

@@ -4,8 +4,8 @@ The parameters of each unit (one switchable layer, or everything else) are views
 buffer, and so are their gradients: autograd accumulates micro-batches in place, and each
 reduction over dp is one collective per unit. Within a buffer the sp-sharded parameters come
 first and the replicated ones after them in one run; the runs of every unit are summed over sp
-by one all-reduce (`reduce_replicated`: they are small, so latency is their cost). Matrices are
-weight-decayed, vectors (norms) not.
+by one all-reduce per dtype and device (`reduce_replicated`: they are small, so latency is
+their cost). Matrices are weight-decayed, vectors (norms) not.
 
 Data parallelism sums gradients over dp: an all-reduce, or with `shard_optimizer` a
 reduce-scatter, after which each dp rank updates its 1/dp slice of the flat buffer (its AdamW

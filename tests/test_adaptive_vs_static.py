@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from benchmarks.adaptive_vs_static import main, micro_batch_lengths
 
 from .harness import run_distributed
@@ -96,3 +98,34 @@ def test_ceiling_is_the_fastest_option_and_bounds_every_static() -> None:
     ratio = re.match(r"^ceiling/best-static = (\d+\.\d\d)x  \((\w+), unfit 0; ", lines[-3])
     assert ratio and float(ratio.group(1)) >= 1.0 and ratio.group(2) in statics, lines[-3]
     assert HEADLINE.match(lines[-1])
+
+
+def test_ceiling_leaves_out_what_the_budget_cannot_fit() -> None:
+    """At 1.5 MiB nothing fits the 256-token batch. The ratio, recomputed here from the pass's
+    times: the exact planner's batches each on the fastest option, over the best static's
+    batches each on the option it ran (its uniform plan)."""
+    summary = run_distributed(
+        2, benchmark_case, ["--memory-budget", "1.5MiB", "--repeats", "1", "--ceiling"],
+        timeout=180,
+    )[0]  # fmt: skip
+    lengths, best = summary["lengths"], summary["best_static"]
+    assert summary["unfit"]["exact"] == 1 and summary["unfit"][best] >= 1
+    table = summary["ceiling"]
+    column = {n: i for i, n in enumerate(table["lengths"])}
+    fastest = {n: min(t[column[n]] for t in table["seconds"].values()) for n in column}
+    fit = [n for n, s in zip(lengths, summary["seconds"]["exact"], strict=True) if s is not None]
+    bound = sum(fit) / sum(fastest[n] for n in fit)
+    ran = [(n, plan.split(" x")[0]) for n, plan in zip(lengths, summary["plans"][best],
+                                                       strict=True) if plan != "-"]  # fmt: skip
+    ran = [(n, label if "+" in label else f"{label}+none") for n, label in ran]
+    static = sum(n for n, _ in ran) / sum(table["seconds"][o][column[n]] for n, o in ran)
+    printed = re.match(r"^ceiling/best-static = (\d+\.\d\d)x ", summary["printed"][-3])
+    assert printed and float(printed.group(1)) == pytest.approx(bound / static, abs=0.0051)
+    same_batches = summary["unfit"][best] == summary["unfit"]["exact"]
+    assert bound / static >= 1.0 - 1e-12 or not same_batches  # fastest <= any option
+
+
+def test_ceiling_and_predict_do_not_combine() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(SMALL + ["--ceiling", "--predict"], mesh=mesh_for(1), log=lambda line: None)
+    assert exit_info.value.code == 2
