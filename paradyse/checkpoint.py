@@ -33,7 +33,7 @@ from .layer import SwitchableDecoderLayer
 from .mesh import rank0_value
 from .model import is_sharded
 
-__all__ = ["CheckpointError", "Checkpointer", "find_checkpoint", "MANIFEST"]
+__all__ = ["CheckpointError", "Checkpointer", "checked_checkpoint", "find_checkpoint", "MANIFEST"]
 
 MANIFEST = "paradyse.json"
 FORMAT = "paradyse-checkpoint-1"
@@ -248,22 +248,10 @@ class Checkpointer:
         _barrier(mesh)
         return final
 
-    def load(self, path: str | Path) -> int:
-        """Restore the state saved at `path` (a checkpoint or a root with `latest`); returns
-        the step to continue from. CheckpointError, one line, for anything unusable."""
-        trainer, mesh = self.trainer, self.trainer.mesh
-        verdict = None
-        if mesh.rank == 0:
-            try:
-                directory = find_checkpoint(path)
-                verify(directory, asdict(trainer.config.model))
-                verdict = {"path": str(directory)}
-            except CheckpointError as error:
-                verdict = {"error": str(error)}
-        verdict = rank0_value(verdict, mesh.device)
-        if "error" in verdict:
-            raise CheckpointError(verdict["error"])
-        directory = Path(verdict["path"])
+    def load(self, directory: Path) -> int:
+        """Restore the state saved in `directory` (from `checked_checkpoint`); returns the step
+        to continue from. CheckpointError, one line, if DCP cannot read it."""
+        trainer = self.trainer
         state = self.state_dict()
         try:
             dcp.load(state, storage_reader=SafeReader(str(directory)),
@@ -282,6 +270,24 @@ class Checkpointer:
         trainer.engine.step_index = int(extra["step"])
         torch.set_rng_state(state["trainer/rng"])
         return int(extra["step"])
+
+
+def checked_checkpoint(path: str | Path, model: dict, mesh) -> Path:
+    """The checkpoint `path` names (itself, or its `latest`), its files and model shape checked
+    by rank 0 and the verdict shared: cheap, so a run checks it before any slow set-up.
+    CheckpointError, one line, on every rank if it is unusable."""
+    verdict = None
+    if mesh.rank == 0:
+        try:
+            directory = find_checkpoint(path)
+            verify(directory, model)
+            verdict = {"path": str(directory)}
+        except CheckpointError as error:
+            verdict = {"error": str(error)}
+    verdict = rank0_value(verdict, mesh.device)
+    if "error" in verdict:
+        raise CheckpointError(verdict["error"])
+    return Path(verdict["path"])
 
 
 # ---------------------------------------------------------------- files

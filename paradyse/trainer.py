@@ -10,6 +10,7 @@ every strategy trains on the same data) -> the chosen strategy must fit the full
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from cost_models import Hardware, Profile, detect
 from parallel_lib import pad_length
 from planners import InfeasibleError, Planner, format_bytes, parse_bytes
 
-from .checkpoint import MANIFEST, Checkpointer, CheckpointError
+from .checkpoint import MANIFEST, Checkpointer, CheckpointError, checked_checkpoint
 from .config import Config
 from .data import DataError, GlobalBatches, assign_to_dp, micro_batches, open_source
 from .engine import Engine, LayerHooks, OptimizerWrapper, StepResult
@@ -69,6 +70,7 @@ class Trainer:
         problem = config.model.sp_problem(mesh.sp)
         if problem:
             raise RunError(f"the model cannot be split over sp={mesh.sp}: {problem}")
+        self.resume_from = self._checkpoint_to_resume()  # checked before the slow set-up
         self.dtype = getattr(torch, train.dtype)
         try:
             self.source = open_source(
@@ -110,18 +112,28 @@ class Trainer:
         self.records: list[dict] = []
         self.split_documents = 0
         self.checkpointer = Checkpointer(self) if (train.save or train.resume) else None
-        if train.resume and self._first_start():
-            if mesh.rank == 0:
-                self.log(f"no checkpoint in {train.resume} yet: starting from step 0")
-        elif train.resume:
+        if self.resume_from is not None:
             try:
-                step = self.checkpointer.load(train.resume)
+                step = self.checkpointer.load(self.resume_from)
             except CheckpointError as error:
                 raise RunError(str(error)) from None
             if mesh.rank == 0:
-                self.log(f"resumed from {train.resume} at step {step}")
+                self.log(f"resumed from {self.resume_from} at step {step}")
+        elif train.resume and mesh.rank == 0:
+            self.log(f"no checkpoint in {train.resume} yet: starting from step 0")
 
     # ------------------------------------------------------------------ set-up
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The verified checkpoint --resume names, or None (no --resume, or the first start of
+        a self-resuming job); RunError, one line, if it is unusable."""
+        train = self.config.train
+        if not train.resume or self._first_start():
+            return None
+        try:
+            return checked_checkpoint(train.resume, asdict(self.config.model), self.mesh)
+        except CheckpointError as error:
+            raise RunError(str(error)) from None
+
     def _first_start(self) -> bool:
         """--resume DIR with --save DIR and nothing saved there yet (rank 0 looks): the first
         start of a job that resumes itself after failures (torchrun --max-restarts)."""

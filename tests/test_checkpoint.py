@@ -76,6 +76,20 @@ def test_a_corrupt_checkpoint_is_refused_and_the_previous_still_loads(saved, tmp
     assert "not a ParaDySe checkpoint" in message
 
 
+def test_a_bad_checkpoint_is_refused_before_the_slow_set_up(saved, tmp_path, monkeypatch) -> None:
+    """The checkpoint is checked before the profile is resolved (which may measure the
+    machine for a minute) and before the model is built."""
+    import paradyse.trainer as trainer_module
+
+    def slow_step(*_args, **_kwargs):
+        raise AssertionError("set-up went on past a bad checkpoint")
+
+    monkeypatch.setattr(trainer_module, "resolve_profile", slow_step)
+    monkeypatch.setattr(trainer_module, "DecoderModel", slow_step)
+    message = _resume(1, str(tmp_path / "nothing-here"))
+    assert message == f"2: --resume {tmp_path / 'nothing-here'}: no such directory"
+
+
 def test_an_interrupted_save_leaves_latest_valid(saved, tmp_path) -> None:
     root = tmp_path / "copy"
     shutil.copytree(saved["root"], root)
