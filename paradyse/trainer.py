@@ -70,7 +70,7 @@ class Trainer:
         problem = config.model.sp_problem(mesh.sp)
         if problem:
             raise RunError(f"the model cannot be split over sp={mesh.sp}: {problem}")
-        self.resume_from = self._checkpoint_to_resume()  # checked before the slow set-up
+        resume_from = self._checkpoint_to_resume()  # checked before the slow set-up
         self.dtype = getattr(torch, train.dtype)
         try:
             self.source = open_source(
@@ -112,13 +112,13 @@ class Trainer:
         self.records: list[dict] = []
         self.split_documents = 0
         self.checkpointer = Checkpointer(self) if (train.save or train.resume) else None
-        if self.resume_from is not None:
+        if resume_from is not None:
             try:
-                step = self.checkpointer.load(self.resume_from)
+                step = self.checkpointer.load(resume_from)
             except CheckpointError as error:
                 raise RunError(str(error)) from None
             if mesh.rank == 0:
-                self.log(f"resumed from {self.resume_from} at step {step}")
+                self.log(f"resumed from {resume_from} at step {step}")
         elif train.resume and mesh.rank == 0:
             self.log(f"no checkpoint in {train.resume} yet: starting from step 0")
 

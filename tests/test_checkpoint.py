@@ -76,7 +76,7 @@ def test_a_corrupt_checkpoint_is_refused_and_the_previous_still_loads(saved, tmp
     assert "not a ParaDySe checkpoint" in message
 
 
-def test_a_bad_checkpoint_is_refused_before_the_slow_set_up(saved, tmp_path, monkeypatch) -> None:
+def test_a_bad_checkpoint_is_refused_before_the_slow_set_up(tmp_path, monkeypatch) -> None:
     """The checkpoint is checked before the profile is resolved (which may measure the
     machine for a minute) and before the model is built."""
     import paradyse.trainer as trainer_module
