@@ -16,6 +16,7 @@ setup(
     python_requires=">=3.11",
     packages=[
         "paradyse",
+        "paradyse.data",
         "parallel_lib",
         "parallel_lib.strategies",
         "cost_models",
