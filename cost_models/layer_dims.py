@@ -6,16 +6,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .counts import ZERO3, accumulator_itemsize, factorisation, itemsize, pad_length
+from .strategy_costs import StrategyCost, strategy_cost
+from .units import accumulator_itemsize, itemsize, pad_length
 
-__all__ = ["LayerDims", "layer_dims", "attention_saved", "mlp_saved", "saved_bytes"]
+__all__ = [
+    "LayerDims",
+    "layer_dims",
+    "dims_for_tokens",
+    "attention_saved",
+    "mlp_saved",
+    "saved_bytes",
+]
 
 
 @dataclass(frozen=True)
 class LayerDims:
-    """Sizes in bytes of the tensors one rank handles."""
+    """Sizes in bytes of the tensors one rank handles; the strategy's facts come from `cost`."""
 
-    strategy: str
+    cost: StrategyCost  # the strategy's cost description
     P: int
     u: int  # all-to-all degree
     c: int  # ring degree
@@ -28,8 +36,22 @@ class LayerDims:
     d: int
     e: int  # bytes per element
     a: int  # bytes per accumulator element (LSE, ring sums)
-    longest: int  # longest padded sequence
+    longest: int  # longest padded sequence (T where only the total is known)
     rs_copy: bool  # the backend copies a reduce-scatter's input (gloo)
+
+    @property
+    def strategy(self) -> str:
+        return self.cost.name
+
+    @property
+    def attention_shard(self) -> int:
+        """Elements of this rank's stored attention weight shards (fused QKV and out)."""
+        return (self.Q + 2 * self.K) * self.H // self.P + self.Q * self.H // self.P
+
+    @property
+    def mlp_shard(self) -> int:
+        """Elements of this rank's stored MLP weight shards (gate, up, down)."""
+        return 3 * (self.F // self.P) * self.H
 
     @property
     def norm_saved(self) -> int:
@@ -41,9 +63,7 @@ class LayerDims:
     @property
     def tokens_attended(self) -> int:
         """N: tokens whose attention this rank computes (its heads' share)."""
-        if self.strategy in ("local", "tp_sp"):
-            return self.T
-        return self.u * self.tl if self.strategy in ZERO3 else self.tl
+        return self.cost.tokens_attended(self)
 
     @property
     def q_width(self) -> int:
@@ -58,10 +78,7 @@ class LayerDims:
     def qkv_copied(self) -> bool:
         """Q, K and V are tensors of their own (reordered, sliced per head group, or V reshaped
         across shard blocks); else V is a view that keeps the whole projection output alive."""
-        if self.sorted or self.strategy == "metp":
-            return True
-        blocks = self.P // self.u if self.strategy in ZERO3 else 1
-        return blocks > 1 and self.K // self.d // self.P > 1
+        return self.cost.qkv_copied(self)
 
     def flash_workspace(self, rows_q: int, rows_k: int, groups: int = 1) -> int:
         """float32 gradient buffers of one flash-attention backward call (per query head)."""
@@ -70,22 +87,49 @@ class LayerDims:
     @property
     def sorted(self) -> bool:
         """Q/K/V gathered from several ranks are reordered by index_select copies."""
-        if self.strategy == "tp_sp":
-            return self.P > 1
-        return self.strategy in ZERO3 and self.u > 1
+        return self.cost.sorts(self)
+
+    @property
+    def reordered(self) -> bool:
+        """The attention output is copied (reordered, or head groups concatenated) before the
+        out projection."""
+        return self.cost.reorders_output(self)
+
+    @property
+    def all_to_all(self) -> bool:
+        """Q/K/V and the attention output cross an all-to-all."""
+        return self.cost.runs_all_to_all(self)
+
+    @property
+    def ring(self) -> bool:
+        """Attention runs as ring attention."""
+        return self.cost.has_ring
+
+    @property
+    def head_groups(self) -> int:
+        """Head groups attended one after another."""
+        return self.cost.head_groups(self)
+
+
+def dims_for_tokens(
+    shape, cost: StrategyCost, T: int, P: int, dtype, inner, longest: int = 0, rs_copy: bool = False
+) -> LayerDims:
+    """The dims of a micro-batch of T padded tokens over the group (longest: 0 means T)."""
+    u, c = cost.factorisation(P, inner)
+    d = shape.head_dim
+    return LayerDims(
+        cost, P, u, c, T, T // P, shape.hidden, shape.heads * d, shape.kv_heads * d,
+        shape.ffn_hidden, d, itemsize(dtype), accumulator_itemsize(dtype), longest or T, rs_copy,
+    )  # fmt: skip
 
 
 def layer_dims(
     shape, strategy: str, seq_lens: Sequence[int], P: int, dtype, inner, rs_copy: bool
 ) -> LayerDims:
     padded = [pad_length(n, P) for n in seq_lens]
-    T = sum(padded)
-    u, c = factorisation(strategy, P, inner)
-    d = shape.head_dim
-    return LayerDims(
-        strategy, P, u, c, T, T // P, shape.hidden, shape.heads * d, shape.kv_heads * d,
-        shape.ffn_hidden, d, itemsize(dtype), accumulator_itemsize(dtype), max(padded), rs_copy,
-    )  # fmt: skip
+    return dims_for_tokens(
+        shape, strategy_cost(strategy), sum(padded), P, dtype, inner, max(padded), rs_copy
+    )
 
 
 # ---------------------------------------------------------------- saved bytes (closed form)
@@ -100,7 +144,7 @@ def attention_saved(m: LayerDims) -> int:
     else:  # rotated Q, K, and the projection output that V is a view of
         saved += (q + kv) * e + (q + 2 * kv) * e
     saved += q * e + m.tl * m.Q // m.d * m.a  # attention output and its LSE
-    if m.sorted or m.strategy == "metp":
+    if m.reordered:
         saved += q * e  # the reordered (or concatenated) output fed to the out projection
     return saved
 

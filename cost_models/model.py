@@ -5,18 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .counts import Kernel, dtype_name, factorisation, layer_counts
+from .counts import Kernel, dtype_name, layer_counts
 from .hardware import Hardware
 from .memory import layer_memory
 from .profile_data import LinkFit, Profile
+from .strategy_costs import strategy_cost
 
 __all__ = ["Cost", "StepCost", "CostModel", "DATASHEET_EFFICIENCY"]
 
 DATASHEET_EFFICIENCY = {"matmul": 0.7, "attention_forward": 0.5, "attention_backward": 0.4}
 """Fractions of the datasheet peak assumed without a profile (typical of large GEMMs and of
 flash attention on A100/H100); a profile replaces them with measured rates."""
-
-_OVERLAPPED = ("ring", "usp", "metp")  # strategies whose p2p runs under compute
 
 
 @dataclass(frozen=True)
@@ -82,12 +81,6 @@ class CostModel:
         hops = 1 if kind == "p2p" else group_size - 1  # ring algorithms: P-1 latency steps
         return LinkFit(alpha=hops * link.latency, beta=link.bandwidth)
 
-    def _group_sizes(self, strategy: str, P: int, inner: int | None) -> dict[str, int]:
-        if strategy == "metp":
-            return {"p2p": P}
-        u, c = factorisation(strategy, P, inner)
-        return {"all_gather": P, "reduce_scatter": P, "all_to_all": u, "p2p": c}
-
     def _comm_seconds(self, volume: dict, messages: dict, sizes: dict, nodes: int) -> dict:
         return {
             kind: self._link(kind, sizes.get(kind, 1), nodes)(nbytes, messages.get(kind, 0))
@@ -129,7 +122,8 @@ class CostModel:
             shape, strategy, seq_lens, P, dtype=dtype, recompute=recompute, inner=inner,
             reduce_scatter_copy=rs_copy,
         )  # fmt: skip
-        sizes = self._group_sizes(strategy, P, inner)
+        description = strategy_cost(strategy)
+        sizes = description.group_sizes(P, inner)
         scales = self._scales(strategy)
         phases, compute_total, comm_total = [], 0.0, 0.0
         for direction, kernels, elementwise, volume, messages, scale in (
@@ -150,12 +144,7 @@ class CostModel:
             p2p = comm.pop("p2p", 0.0)
             blocking = sum(comm.values())
             overlap = self.profile.overlap if self.profile is not None else 1.0
-            if strategy == "metp":  # shards and K/V travel while the blocks compute
-                hidden = overlap * min(matmul + attention, p2p)
-            elif strategy in _OVERLAPPED:  # K/V travel while attention computes
-                hidden = overlap * min(attention, p2p)
-            else:
-                hidden = 0.0
+            hidden = overlap * min(description.p2p_hidden_under(matmul, attention), p2p)
             time = matmul + attention + p2p - hidden + other + blocking
             phases.append(scale * time)
             compute_total += matmul + attention + other

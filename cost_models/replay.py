@@ -5,13 +5,13 @@ weights is replayed; temporaries of a few token-wide vectors are ignored. Pure P
 
 from __future__ import annotations
 
-from .counts import ZERO3
+from .counts import COLUMN_SHARDED
 from .layer_dims import LayerDims
 
-__all__ = ["Replay"]
+__all__ = ["Replay", "Tape"]
 
 
-class _Tape:
+class Tape:
     """Live bytes over a replay of allocations and frees, with the peak."""
 
     def __init__(self) -> None:
@@ -37,7 +37,7 @@ class Replay:
     save die as soon as the forward is done with them."""
 
     def __init__(self, m: LayerDims) -> None:
-        self.m, self.tape = m, _Tape()
+        self.m, self.tape = m, Tape()
         self.saving, self.pending = True, []
         self.unit = m.tl * m.H * m.e  # one (T/P, H) activation
 
@@ -58,82 +58,22 @@ class Replay:
     def linear_forward(self, op: str, i: int, o: int, keep: bool, consumed: float) -> float:
         """Allocates the output; temporaries come and go; returns the output's bytes.
         op: qkv, out, gate_up, down; i, o: whole-weight in/out features."""
-        m, t = self.m, self.tape
-        column, e = op in ("qkv", "gate_up"), m.e
-        if m.strategy == "local":
-            out = t.alloc(m.T * o * e)
-        elif m.strategy == "tp_sp":
-            if column:
-                gathered = t.alloc(m.T * i * e)
-                out = t.alloc(m.T * o // m.P * e)
-                if not keep:
-                    t.free(gathered)
-            else:
-                partial = t.alloc(m.T * o * e)
-                out = t.alloc(m.tl * o * e)
-                t.temp(partial if m.rs_copy else 0)
-                t.free(partial)
-        elif m.strategy in ZERO3:
-            weight = t.alloc(i * o * e)
-            out = t.alloc(m.tl * o * e)
-            if not keep:
-                t.free(weight)
-        else:  # metp: two shard buffers in flight and one block's product; a row-parallel
-            # output sums the blocks in float32 and is cast back
-            acc = 0 if column or m.a == e else m.tl * o * m.a
-            t.alloc(acc)
-            t.temp(2 * i * o // m.P * e, m.tl * (o // m.P if column else o) * e)
-            out = t.alloc(m.tl * o * e)
-            t.free(acc)
+        m = self.m
+        out = m.cost.replay_linear_forward(self.tape, m, op in COLUMN_SHARDED, i, o, keep)
         self.done(consumed)
         return out
 
     def kept_operand(self, op: str, i: int, o: int) -> int:
         """Bytes a recomputed linear keeps gathered for its backward beyond its saved input."""
-        m = self.m
-        if m.strategy == "tp_sp":
-            return m.T * i * m.e if op in ("qkv", "gate_up") else 0
-        return i * o * m.e if m.strategy in ZERO3 else 0
+        return self.m.cost.kept_operand(self.m, op in COLUMN_SHARDED, i, o)
 
     def linear_backward(self, op: str, i: int, o: int, kept: int, free_grad: bool = True) -> None:
         """The output gradient is live; allocates the input gradient (left live), frees the saved
         input, what a recomputation kept (`kept`) and the output gradient (if free_grad)."""
-        m, t = self.m, self.tape
-        column, e = op in ("qkv", "gate_up"), m.e
-        grad_out = (m.T * o // m.P if m.strategy == "tp_sp" and column else m.tl * o) * e
-        if m.strategy == "local":
-            t.temp(i * o * e, 0)
-            t.alloc(m.T * i * e)
-        elif m.strategy == "tp_sp":
-            if column:
-                gathered = 0 if kept else t.alloc(m.T * i * e)
-                weight_grad = t.alloc(i * o // m.P * e)
-                partial = t.alloc(m.T * i * e)
-                t.alloc(m.tl * i * e)
-                t.temp(partial if m.rs_copy else 0)
-                t.free(partial, gathered, weight_grad)
-            else:
-                gathered_grad = t.alloc(m.T * o * e)
-                weight_grad = t.alloc(i // m.P * o * e)
-                t.alloc(m.T * i // m.P * e)
-                t.free(gathered_grad, weight_grad)
-        elif m.strategy in ZERO3:
-            weight = 0 if kept else t.alloc(i * o * e)
-            t.alloc(m.tl * i * e)
-            full_grad = t.alloc(i * o * e)
-            shard = t.alloc(i * o // m.P * e)
-            t.temp(full_grad if m.rs_copy else 0)
-            t.free(full_grad, shard, weight)
-        else:  # metp: the input gradient; in flight: the weight shard held and the one being
-            # received, this step's gradient block, the travelling sum sent and the one received
-            # (summed in float32, then cast back)
-            acc = m.tl * i * m.a
-            t.alloc(acc)
-            t.temp(5 * i * o // m.P * e, m.tl * (i if column else i // m.P) * e)
-            if m.a != e:
-                t.alloc(m.tl * i * e)
-                t.free(acc)
-        t.free(grad_out if free_grad else 0, kept)
+        m, column = self.m, op in COLUMN_SHARDED
+        grad_out = m.cost.linear_output(m, column, o)
+        m.cost.replay_linear_backward(self.tape, m, column, i, o, kept)
+        self.tape.free(grad_out if free_grad else 0, kept)
 
     # -------------------------------------------------------------- norm
     def norm_forward(self) -> float:
@@ -162,12 +102,12 @@ class Replay:
         N = m.tokens_attended
         q, kv = N * m.q_width * e, N * m.kv_width * e
         lse = N * m.q_width // m.d * m.a
-        if m.strategy in ZERO3 and m.u > 1:  # all-to-all: stacked send, receive, concatenate
+        if m.all_to_all:  # all-to-all: stacked send, receive, concatenate
             t.temp(2 * y)
             t.alloc(y)
             t.free(y)
         tables = self.keep(2 * N * m.d * e)
-        reordered = m.sorted or m.strategy == "metp"
+        reordered = m.reordered
         rotated = t.alloc(q + kv)
         t.temp(q)  # RoPE's products
         if reordered:
@@ -184,8 +124,8 @@ class Replay:
             if not self.saving:
                 self.pending.append(rotated + y)
             kept = tables + rotated + y
-        if m.strategy in ("ring", "usp", "metp"):  # ring: sums, K/V stack and receive buffer
-            groups = m.P if m.strategy == "metp" else 1
+        if m.ring:  # ring: sums, K/V stack and receive buffer
+            groups = m.head_groups
             acc = q * m.a // e // groups
             t.temp(acc, 2 * 2 * kv // groups, 3 * acc)
         else:
@@ -194,7 +134,7 @@ class Replay:
         if reordered:
             self.keep(q)  # the attention output
             out = t.alloc(q)  # reordered (or the head groups concatenated)
-            if m.strategy in ZERO3 and m.u > 1:  # all-to-all back
+            if m.all_to_all:  # all-to-all back
                 t.temp(2 * q)
                 t.free(q)
                 out = t.alloc(m.tl * m.Q * e)
@@ -212,7 +152,7 @@ class Replay:
         N = m.tokens_attended
         q, kv = N * m.q_width * e, N * m.kv_width * e
         grad = m.tl * m.Q * e
-        if m.strategy in ZERO3 and m.u > 1:
+        if m.all_to_all:
             t.temp(2 * grad)
             t.alloc(q)
             t.free(grad)
@@ -221,7 +161,7 @@ class Replay:
             t.alloc(q)
             t.free(grad)
             grad = q
-        if m.strategy in ("ring", "usp", "metp"):
+        if m.ring:
             dqkv = self.ring_backward(q, kv)
         else:
             dqkv = t.alloc(q + 2 * kv)
@@ -235,7 +175,7 @@ class Replay:
         y = m.tl * (m.Q + 2 * m.K) * e
         t.alloc(y)  # gradient of the fused projection output
         t.free(dqkv, self.attn_kept)
-        if m.strategy in ZERO3 and m.u > 1:
+        if m.all_to_all:
             t.temp(2 * y)
 
     def ring_backward(self, q: int, kv: int) -> int:
@@ -244,7 +184,7 @@ class Replay:
         dK/dV sums in flight both ways, and one ring step's row copies and block gradients
         (worst case: half the queries against all keys)."""
         m, t, e = self.m, self.tape, self.m.e
-        groups = m.P if m.strategy == "metp" else 1
+        groups = m.head_groups
         qg, kvg, acc = q // groups, kv // groups, m.a / e
         chunk = m.longest // m.c  # the longest sequence's rows on this rank
         left = 0
@@ -286,20 +226,44 @@ class Replay:
         prod = t.alloc(m.tl * m.F * m.e)  # silu(gate) * up
         self.done()  # the gate/up output lives on (a local variable) until the MLP returns
         if recomputing:
-            if m.strategy in ZERO3:  # the gathered weight is kept, the product never made
-                t.alloc(m.F * m.H * m.e)
-            else:  # the product is computed before its operands are saved
-                t.temp(m.T * m.H * m.e if m.strategy == "tp_sp" else self.unit)
+            m.cost.replay_last_recomputed(t, m, m.F, m.H)
             return
         out = self.linear_forward("down", m.F, m.H, keep, consumed=prod)
         self.done(consumed=y)
         t.alloc(self.unit)
         t.free(out)
 
+    def mlp_block_backward(self, kept: dict[str, int]) -> None:
+        """From the output's gradient dy (outside) to the gradient of h (left live); frees what
+        the MLP half saved. kept: bytes each recomputed linear kept gathered."""
+        m, t = self.m, self.tape
+        H, F, e, unit = m.H, m.F, m.e, self.unit
+        self.linear_backward("down", F, H, kept["down"], free_grad=False)  # dy is outside
+        t.free(m.tl * F * e)  # the down projection's saved input
+        t.temp(2 * m.tl * F * e)  # SwiGLU backward products
+        t.alloc(m.tl * 2 * F * e)  # gradient of the gate/up output
+        t.free(2 * m.tl * F * e + m.tl * 2 * F * e)  # input gradient, silu, gate/up output
+        self.linear_backward("gate_up", H, 2 * F, kept["gate_up"])
+        self.norm_backward()
+        t.alloc(unit)  # gradient of h: dy + the MLP branch's
+        t.free(unit, unit)  # the MLP branch's gradient, h
+
+    def attention_block_backward(self, kept: dict[str, int]) -> None:
+        """From the gradient of h (live) to dx (left live); frees what the attention half saved."""
+        m, t = self.m, self.tape
+        self.linear_backward("out", m.Q, m.H, kept["out"], free_grad=False)
+        out_input = m.tl * m.Q * m.e  # the out projection's saved input
+        t.free(0 if self.output_shared else out_input)
+        self.attention_backward()
+        t.free(out_input if self.output_shared else 0)  # also saved by the attention
+        self.linear_backward("qkv", m.H, m.Q + 2 * m.K, kept["qkv"])
+        self.norm_backward()
+        t.alloc(self.unit)  # dx = gradient of h + the attention branch's
+
     def run(self, recompute: str) -> tuple[int, int]:
         """(forward peak, backward peak)."""
         m, t = self.m, self.tape
-        H, F, e, unit = m.H, m.F, m.e, self.unit
+        H, F, unit = m.H, m.F, self.unit
         self.saving = recompute != "full"
         self.attention_block(keep=False)
         self.saving = recompute == "none"
@@ -318,21 +282,6 @@ class Replay:
                 ("qkv", H, m.Q + 2 * m.K), ("out", m.Q, H), ("gate_up", H, 2 * F), ("down", F, H)
             )
         }  # fmt: skip
-        self.linear_backward("down", F, H, kept["down"], free_grad=False)  # dy is outside
-        t.free(m.tl * F * e)  # the down projection's saved input
-        t.temp(2 * m.tl * F * e)  # SwiGLU backward products
-        t.alloc(m.tl * 2 * F * e)  # gradient of the gate/up output
-        t.free(2 * m.tl * F * e + m.tl * 2 * F * e)  # input gradient, silu, gate/up output
-        self.linear_backward("gate_up", H, 2 * F, kept["gate_up"])
-        self.norm_backward()
-        t.alloc(unit)  # gradient of h: dy + the MLP branch's
-        t.free(unit, unit)  # the MLP branch's gradient, h
-        self.linear_backward("out", m.Q, H, kept["out"], free_grad=False)
-        out_input = m.tl * m.Q * e  # the out projection's saved input
-        t.free(0 if self.output_shared else out_input)
-        self.attention_backward()
-        t.free(out_input if self.output_shared else 0)  # also saved by the attention
-        self.linear_backward("qkv", H, m.Q + 2 * m.K, kept["qkv"])
-        self.norm_backward()
-        t.alloc(unit)  # dx = gradient of h + the attention branch's
+        self.mlp_block_backward(kept)
+        self.attention_block_backward(kept)
         return forward_peak, t.peak

@@ -1,0 +1,95 @@
+"""`tp_sp`: Megatron tensor parallelism with sequence parallelism (Korthikanti et al. 2022)."""
+
+from __future__ import annotations
+
+from .base import StrategyCost
+
+
+class TensorSequenceParallelCost(StrategyCost):
+    """Weights stay as shards; the (T/P, H) inputs of the column-sharded projections are
+    all-gathered, the partial outputs of the row-sharded ones reduce-scattered. Attention runs
+    heads/P heads over whole sequences, gathered tokens reordered to natural order and back.
+
+    Communication per layer and rank, v = (P-1)·Tl·H·b (Tl = T/P, b bytes per element):
+      forward:  all-gather 2v (attention, MLP inputs), reduce-scatter 2v (their outputs)
+      backward: all-gather 4v (the output gradients; the inputs again, for the weight gradients),
+                reduce-scatter 2v (the input gradients)
+      recompute selective: unchanged (the recomputation's gather of the MLP input is kept for the
+      backward); recompute full: reduce-scatter +v (the attention output is recomputed; the MLP's
+      output reduce-scatter is not, nothing after it is saved)
+    """
+
+    name = "tp_sp"
+    has_token_gather = True
+
+    def factorisation(self, P, inner=None):
+        return P, 1
+
+    def matmul(self, m, i, o, column):
+        return ((m.T, i, o // m.P) if column else (m.T, i // m.P, o)), 1
+
+    def attention_layout(self, m):
+        return m.Q // m.d // m.P, 1, 1
+
+    # ------------------------------------------------------------------ collectives
+    @staticmethod
+    def _volume(m) -> int:
+        return (m.P - 1) * m.tl * m.H * m.e
+
+    def forward_traffic(self, t, m):
+        t.add("all_gather", 2 * self._volume(m), 2)
+        t.add("reduce_scatter", 2 * self._volume(m), 2)
+
+    def backward_traffic(self, t, m):
+        t.add("all_gather", 2 * self._volume(m), 2)  # the row-sharded outputs' gradients
+        self.weight_grad_traffic(t, m)
+        t.add("reduce_scatter", 2 * self._volume(m), 2)  # the column-sharded inputs' gradients
+
+    def weight_grad_traffic(self, t, m):
+        t.add("all_gather", 2 * self._volume(m), 2)  # the column-sharded inputs, gathered again
+
+    def recompute_traffic(self, t, m, recompute):
+        if recompute == "full":  # the attention output's reduce-scatter runs again
+            t.add("reduce_scatter", self._volume(m), 1)
+
+    # ------------------------------------------------------------------ replay
+    def sorts(self, m):
+        return m.P > 1
+
+    def linear_output(self, m, column, o):
+        return (m.T * o // m.P if column else m.tl * o) * m.e
+
+    def replay_linear_forward(self, tape, m, column, i, o, keep):
+        e = m.e
+        if column:
+            gathered = tape.alloc(m.T * i * e)
+            out = tape.alloc(m.T * o // m.P * e)
+            if not keep:
+                tape.free(gathered)
+        else:
+            partial = tape.alloc(m.T * o * e)
+            out = tape.alloc(m.tl * o * e)
+            tape.temp(partial if m.rs_copy else 0)
+            tape.free(partial)
+        return out
+
+    def replay_linear_backward(self, tape, m, column, i, o, kept):
+        e = m.e
+        if column:
+            gathered = 0 if kept else tape.alloc(m.T * i * e)
+            weight_grad = tape.alloc(i * o // m.P * e)
+            partial = tape.alloc(m.T * i * e)
+            tape.alloc(m.tl * i * e)
+            tape.temp(partial if m.rs_copy else 0)
+            tape.free(partial, gathered, weight_grad)
+        else:
+            gathered_grad = tape.alloc(m.T * o * e)
+            weight_grad = tape.alloc(i // m.P * o * e)
+            tape.alloc(m.T * i // m.P * e)
+            tape.free(gathered_grad, weight_grad)
+
+    def kept_operand(self, m, column, i, o):
+        return m.T * i * m.e if column else 0
+
+    def replay_last_recomputed(self, tape, m, i, o):
+        tape.temp(m.T * o * m.e)  # the partial product, computed before its operands are saved
