@@ -46,20 +46,17 @@ any planner can gain on this machine, model and mix (up to the noise between the
 
 `--predict` prints the same table from the cost model alone in about a second (use it to
 explore budgets). The default budget, 128 MiB per rank, is where the cost model predicts the
-largest gain (1.05x at 80 MiB, 1.10x at 96, 1.14x at 128, 1.07-1.08x from 144 up): at 8192
-tokens tp_sp's larger transients force full recompute on every layer (1.46x slower than
-exact's ulysses+selective), at 4096 tp_sp is 1.15x slower than ulysses, while below ~2K tokens
-tp_sp is the fastest option (measured: 1.1x ahead at 1K tokens, 1.5x at 64). Tighter budgets
-(<= ~88 MiB) make tp_sp unfit for the 8192-token batch; it is then judged on the rest.
+largest gain on the default model; docs/benchmarks.md has the measured tables and why.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -69,42 +66,25 @@ import paradyse
 from cost_models import Hardware, Profile, detect
 from paradyse import DecoderModel, Engine
 from paradyse.data import StdlibCorpus
-from paradyse.mesh import rank0_value
-from paradyse.planning import build_planner, resolve_profile
-from parallel_lib import STRATEGY_NAMES, get_strategy
-from planners import InfeasibleError, Planner, format_bytes, parse_bytes, parse_option_label
+from paradyse.planning import resolve_profile, run_setup
+from parallel_lib import STRATEGY_NAMES, get_strategy, rank0_value
+from planners import InfeasibleError, Planner, PlanningSetup, format_bytes
 
-MiB = 1 << 20
+if not __package__:  # run as a script (torchrun benchmarks/...): the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.adaptive_report import (  # noqa: E402
+    Ceiling,
+    MethodResult,
+    ceiling_report,
+    format_report,
+    headline,
+    summarise,
+)
+
 CONFIG = "launch/configs/cpu_tiny.toml"
 PROFILE = ".cache/profile-{device}-sp{sp}-{dtype}.json"
 ADAPTIVE_METHODS = ("exact", "paradyse")
-HEADLINE = "adaptive/best-static = {:.2f}x  adaptive/oracle = {:.2f}x  unfit(best-static) = {}"
-
-
-@dataclass
-class MethodResult:
-    method: str
-    seconds: list[float | None] = field(default_factory=list)
-    """Per micro-batch, the measured (or, with --predict, predicted) step seconds; None: unfit."""
-    predicted: list[float | None] = field(default_factory=list)
-    """Per micro-batch, the cost model's seconds of its plan (the layers); None: unfit."""
-    plans: list[str] = field(default_factory=list)
-    peak_bytes: int = 0
-    """The largest predicted peak (static + saved + transient) of the batches it ran."""
-
-    @property
-    def unfit(self) -> int:
-        return sum(s is None for s in self.seconds)
-
-    def tokens_per_s(self, lengths: list[int], *, predicted: bool = False) -> float:
-        seconds = self.predicted if predicted else self.seconds
-        ran = [(n, s) for n, s in zip(lengths, seconds, strict=True) if s is not None]
-        total = sum(s for _, s in ran)
-        return sum(n for n, _ in ran) / total if total > 0 else 0.0
-
-    @property
-    def static(self) -> bool:
-        return self.method.startswith("static:")
 
 
 # ------------------------------------------------------------------------------ data
@@ -147,6 +127,32 @@ def corpus_windows(lengths: list[int], seed: int) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------ set-up
+@dataclass(frozen=True)
+class Bench:
+    """What every method of the run shares: the model config, the mesh, and the planning setup
+    (this machine's hardware and profile, the budget, every option)."""
+
+    config: paradyse.Config
+    mesh: paradyse.Mesh
+    setup: PlanningSetup
+
+    @classmethod
+    def build(cls, config, mesh, profile: Profile | None) -> Bench:
+        hardware = Hardware.from_dict(rank0_value(detect().to_dict(), mesh.device))
+        setup = run_setup(config, sp=mesh.sp, dp=mesh.dp, hardware=hardware, profile=profile,
+                          every_option=True)  # fmt: skip
+        return cls(config, mesh, setup)
+
+    def unlimited(self) -> Bench:
+        """The same with no memory limit (the ceiling pass)."""
+        return dataclasses.replace(self, setup=dataclasses.replace(self.setup, budget_bytes=2**50))
+
+    def planner(self, method: str) -> Planner:
+        """exact / paradyse, or static:LABEL (tp_sp, ring+full, usp2x2+none: a split and a
+        recompute mode, when given, are fixed), over the shared cost tables."""
+        return self.setup.planner(method)
+
+
 def load_profile(path: str | None, config, mesh, dtype: torch.dtype, log) -> Profile | None:
     """The trainer's rule (`paradyse.planning.resolve_profile`): the profile at `path`, measured
     on this machine and saved there first if missing; None for `none`."""
@@ -175,34 +181,14 @@ def methods_for(config, sp: int, wanted: str) -> list[str]:
     return names
 
 
-def make_planner(method: str, config, mesh, budget: float, profile, hardware):
-    """exact / paradyse, or static:LABEL with an option label (tp_sp, ring+full, usp2x2+none:
-    a split and a recompute mode, when given, are fixed)."""
-    if method in ADAPTIVE_METHODS:
-        strategy, planner, recompute, label = "adaptive", method, None, None
-    else:
-        label = method.removeprefix("static:")
-        strategy, split, mode = parse_option_label(label)
-        planner, recompute = "exact", mode if "+" in label else None
-        label = label if split else None
-    built = build_planner(
-        config.model, sp=mesh.sp, dp=mesh.dp, strategy=strategy, planner=planner,
-        recompute=recompute, budget_bytes=budget, dtype=config.train.dtype,
-        profile=profile, hardware=hardware,
-    )  # fmt: skip
-    if label is None:
-        return built
-    return Planner(built.costs, built.budget_bytes, static_bytes=built.static_bytes,
-                   method=f"static:{label}")  # fmt: skip
-
-
 # ------------------------------------------------------------------------------ running
 class MethodRun:
     """One method's planner, fresh model (same seed for every method) and Engine."""
 
-    def __init__(self, method, config, mesh, budget, profile, hardware, steps: int) -> None:
+    def __init__(self, method: str, bench: Bench, steps: int) -> None:
+        config, mesh = bench.config, bench.mesh
         self.method = method
-        self.planner = make_planner(method, config, mesh, budget, profile, hardware)
+        self.planner = bench.planner(method)
         dtype = getattr(torch, config.train.dtype)
         model = DecoderModel(config.model, mesh.sp_group, seed=config.train.seed, dtype=dtype,
                              device=mesh.device)  # fmt: skip
@@ -216,14 +202,13 @@ class MethodRun:
         return self.engine.step([[tokens]], len(tokens) - 1)
 
 
-def run_methods(methods, config, mesh, budget, profile, hardware, batches, warmup,
-                repeats: int) -> list[MethodResult]:  # fmt: skip
+def run_methods(methods, bench: Bench, batches, warmup, repeats: int) -> list[MethodResult]:
     """Every micro-batch as `repeats` optimizer steps of every method, interleaved: for each
     batch the methods take turns (in an order that rotates from batch to batch), so a slow
     spell of the machine hits them alike; a method's time for the batch is the median of its
     repeats (collective)."""
-    runs = [MethodRun(m, config, mesh, budget, profile, hardware,
-                      repeats * len(batches) + len(warmup)) for m in methods]  # fmt: skip
+    steps = repeats * len(batches) + len(warmup)
+    runs = [MethodRun(m, bench, steps) for m in methods]
     results = [MethodResult(m) for m in methods]
     for i in warmup:
         for run in runs:
@@ -249,9 +234,9 @@ def run_methods(methods, config, mesh, budget, profile, hardware, batches, warmu
     return results
 
 
-def predict_method(method, config, mesh, budget, profile, hardware, batches) -> MethodResult:
+def predict_method(method: str, bench: Bench, batches) -> MethodResult:
     """The same, from the cost model: the plan's predicted seconds (layers only), no steps."""
-    planner = make_planner(method, config, mesh, budget, profile, hardware)
+    planner = bench.planner(method)
     result = MethodResult(method)
     for tokens in batches:
         try:
@@ -268,158 +253,23 @@ def predict_method(method, config, mesh, budget, profile, hardware, batches) -> 
     return result
 
 
-# ------------------------------------------------------------------------------ ceiling
-@dataclass
-class Ceiling:
-    """Every uniform option (one strategy, split and recompute mode on every layer) measured
-    once per distinct length, with no memory limit: what any per-batch choice could reach."""
-
-    lengths: list[int]
-    """The distinct lengths, ascending."""
-    options: list[str]
-    """Option labels with their recompute mode: tp_sp+none, usp2x2+full, ..."""
-    seconds: dict[str, list[float]]
-    """option -> measured step seconds per distinct length."""
-
-
-def uniform_label(plan: str) -> str:
-    """'ring+full x4' (a static's uniform plan as printed) -> 'ring+full'; 'tp_sp x4' ->
-    'tp_sp+none'."""
-    label = plan.rsplit(" x", 1)[0]
-    return label if "+" in label else f"{label}+none"
-
-
-def measure_ceiling(config, mesh, profile, hardware, lengths, batches, statics,
-                    repeats: int) -> Ceiling:  # fmt: skip
+def measure_ceiling(bench: Bench, lengths, batches, statics, repeats: int) -> Ceiling:
     """Run every uniform option of the static strategies on one micro-batch of each distinct
     length (the shortest first as a warm-up, then interleaved, the median of `repeats`
     steps; collective)."""
     distinct = sorted(set(lengths))
     first = [batches[lengths.index(n)] for n in distinct]
     names = {m.removeprefix("static:") for m in statics}
-    every = make_planner("exact", config, mesh, float(1 << 50), profile, hardware).options
+    unlimited = bench.unlimited()
+    every = unlimited.setup.costs.options
     options = [
         f"{o.name.split('+')[0]}+{o.recompute}" for o in every if o.strategy in names
     ]  # fmt: skip
-    results = run_methods([f"static:{o}" for o in options], config, mesh, float(1 << 50),
-                          profile, hardware, first, [0], repeats)  # fmt: skip
+    results = run_methods([f"static:{o}" for o in options], unlimited, first, [0], repeats)
     return Ceiling(distinct, options, {o: r.seconds for o, r in zip(options, results,
                                                                    strict=True)})  # fmt: skip
 
 
-def ceiling_report(ceiling: Ceiling, results: list[MethodResult], lengths: list[int],
-                   summary: dict) -> list[str]:  # fmt: skip
-    """The per-length table and `ceiling/best-static`, both from the ceiling pass: the best
-    static's time for a batch is that of the option it ran there in the main pass; the
-    ceiling's is the fastest option whatever its memory, over the batches the exact planner
-    ran (a bound on the headline's adaptive/best-static up to the two passes' noise, as
-    layer-wise plans cost a mix of these options' per-layer times)."""
-    index = {n: i for i, n in enumerate(ceiling.lengths)}
-    fastest = [min(ceiling.seconds[o][i] for o in ceiling.options)
-               for i in range(len(ceiling.lengths))]  # fmt: skip
-    best = next(r for r in results if r.method == summary["best_static"])
-    exact = next(r for r in results if r.method == "exact")
-    ran = [(n, uniform_label(p)) for n, p, s in zip(lengths, best.plans, best.seconds,
-                                                   strict=True) if s is not None]  # fmt: skip
-    static_rate = sum(n for n, _ in ran) / sum(ceiling.seconds[o][index[n]] for n, o in ran)
-    fit = [n for n, s in zip(lengths, exact.seconds, strict=True) if s is not None]
-    bound = sum(fit) / sum(fastest[index[n]] for n in fit)
-    lines = ["", "ceiling: every uniform option, ms per step (median), no memory limit"]
-    lines.append(f"{'option':<24} " + " ".join(f"{n:>6}" for n in ceiling.lengths))
-    for option in ceiling.options:
-        cells = " ".join(f"{s * 1e3:>6.0f}" for s in ceiling.seconds[option])
-        lines.append(f"{option:<24} {cells}")
-    lines.append(f"{'fastest':<24} " + " ".join(f"{s * 1e3:>6.0f}" for s in fastest))
-    lines.append(
-        f"ceiling/best-static = {bound / static_rate:.2f}x  ({_short(best.method)}, unfit "
-        f"{best.unfit}; every batch the exact planner fits on its fastest option, this pass)"
-    )
-    return lines
-
-
-# ------------------------------------------------------------------------------ report
-def oracle_seconds(results: list[MethodResult]) -> list[float]:
-    """Per micro-batch, the fastest static that fit it (the exact planner's time if none did)."""
-    statics = [r for r in results if r.static]
-    exact = next((r for r in results if r.method == "exact"), None)
-    best = []
-    for i in range(len(results[0].seconds)):
-        times = [r.seconds[i] for r in statics if r.seconds[i] is not None]
-        if times:
-            best.append(min(times))
-        elif exact is not None and exact.seconds[i] is not None:
-            best.append(exact.seconds[i])
-        else:
-            best.append(None)  # nothing fits it: left out of the oracle
-    return best
-
-
-def summarise(results: list[MethodResult], lengths: list[int]) -> dict:
-    """tokens/s of every method, the best static, the oracle and the headline ratios."""
-    rates = {r.method: r.tokens_per_s(lengths) for r in results}
-    predicted = {r.method: r.tokens_per_s(lengths, predicted=True) for r in results}
-    statics = [r for r in results if r.static]
-    best = max(statics, key=lambda r: rates[r.method]) if statics else None
-    ran = [(n, s) for n, s in zip(lengths, oracle_seconds(results), strict=True) if s is not None]
-    oracle = sum(n for n, _ in ran) / sum(s for _, s in ran) if ran else float("nan")
-    adaptive = rates.get("exact", 0.0)
-    best_rate = rates[best.method] if best else float("nan")
-    return {
-        "rates": rates,
-        "predicted_rates": predicted,
-        "unfit": {r.method: r.unfit for r in results},
-        "best_static": best.method if best else None,
-        "best_static_rate": best_rate,
-        "oracle_rate": oracle,
-        "adaptive_over_best": adaptive / best_rate if best else float("nan"),
-        "adaptive_over_oracle": adaptive / oracle,
-        "unfit_best": best.unfit if best else 0,
-    }
-
-
-def format_report(results, lengths, summary, *, per_batch: bool = True) -> list[str]:
-    best_rate = summary["best_static_rate"]
-    predicted = summary["predicted_rates"]
-    best_predicted = predicted.get(summary["best_static"], float("nan"))
-    lines = [f"{'method':<16} {'tokens/s':>9} {'unfit':>5} {'x best static':>13} "
-             f"{'predicted x':>11} {'peak MiB':>9}"]  # fmt: skip
-    for r in results:
-        rate = summary["rates"][r.method]
-        mark = "  <- best static" if r.method == summary["best_static"] else ""
-        lines.append(
-            f"{r.method:<16} {rate:>9.0f} {r.unfit:>5} {rate / best_rate:>13.2f} "
-            f"{predicted[r.method] / best_predicted:>11.2f} {r.peak_bytes / MiB:>9.1f}{mark}"
-        )
-    oracle = summary["oracle_rate"]
-    lines.append(f"{'oracle':<16} {oracle:>9.0f} {0:>5} {oracle / best_rate:>13.2f}")
-    if per_batch:
-        best = oracle_seconds(results)
-        lines.append("")
-        lines.append("per micro-batch ms (- unfit); oracle = fastest static; exact's plan")
-        lines.append(f"{'tokens':>6} " + " ".join(f"{_short(r.method):>8}" for r in results)
-                     + f" {'oracle':>8}  plan(exact)")  # fmt: skip
-        exact = next((r for r in results if r.method == "exact"), results[0])
-        for i, n in enumerate(lengths):
-            cells = " ".join(
-                f"{'-':>8}" if r.seconds[i] is None else f"{r.seconds[i] * 1e3:>8.0f}"
-                for r in results
-            )
-            oracle_ms = f"{'-':>8}" if best[i] is None else f"{best[i] * 1e3:>8.0f}"
-            lines.append(f"{n:>6} {cells} {oracle_ms}  {exact.plans[i]}")
-    return lines
-
-
-def _short(method: str) -> str:
-    return method.removeprefix("static:")
-
-
-def headline(summary: dict) -> str:
-    return HEADLINE.format(
-        summary["adaptive_over_best"], summary["adaptive_over_oracle"], summary["unfit_best"]
-    )
-
-
-# ------------------------------------------------------------------------------ main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--memory-budget", default="128MiB", help="per-rank budget (default 128MiB)")
@@ -455,9 +305,10 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
     rank0 = mesh.rank == 0
     log = log or (lambda line: print(line, flush=True))
     say = log if rank0 else (lambda line: None)
-    config = paradyse.load_config(args.config, args.set)
-    try:
-        budget = float(parse_bytes(args.memory_budget, "--memory-budget"))
+    try:  # the budget is the run's parallel.memory_budget, parsed by the config
+        config = paradyse.load_config(
+            args.config, [*args.set, f"parallel.memory_budget={args.memory_budget}"]
+        )
         methods = methods_for(config, mesh.sp, args.methods)
         if args.repeats < 1:
             raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
@@ -473,30 +324,26 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
             print(f"benchmarks/adaptive_vs_static.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     dtype = getattr(torch, config.train.dtype)
-    profile = load_profile(args.profile, config, mesh, dtype, say)
-    hardware = Hardware.from_dict(rank0_value(detect().to_dict(), mesh.device))
+    bench = Bench.build(config, mesh, load_profile(args.profile, config, mesh, dtype, say))
     shape = config.model.shape
     say(
         f"sp={mesh.sp} {mesh.device.type} {config.train.dtype}, {config.model.layers} layers "
         f"H={shape.hidden} heads={shape.heads}/{shape.kv_heads} F={shape.ffn_hidden}, budget "
-        f"{format_bytes(budget)}/rank, {len(lengths)} micro-batches of {min(lengths)}-"
+        f"{format_bytes(bench.setup.budget)}/rank, {len(lengths)} micro-batches of {min(lengths)}-"
         f"{max(lengths)} tokens (seed {args.seed}), "
         + ("cost-model prediction" if args.predict else "measured step time, slowest rank")
     )
     warmup = sorted(range(len(lengths)), key=lambda i: lengths[i])[:2]
     start = time.perf_counter()
     if args.predict:
-        results = [predict_method(m, config, mesh, budget, profile, hardware, batches)
-                   for m in methods]  # fmt: skip
+        results = [predict_method(m, bench, batches) for m in methods]
     else:
-        results = run_methods(methods, config, mesh, budget, profile, hardware, batches, warmup,
-                              args.repeats)  # fmt: skip
+        results = run_methods(methods, bench, batches, warmup, args.repeats)
     summary = summarise(results, lengths)
     lines = format_report(results, lengths, summary)
     if args.ceiling:
         statics = [m for m in methods if m.startswith("static:")]
-        ceiling = measure_ceiling(config, mesh, profile, hardware, lengths, batches, statics,
-                                  args.repeats)  # fmt: skip
+        ceiling = measure_ceiling(bench, lengths, batches, statics, args.repeats)
         lines += ceiling_report(ceiling, results, lengths, summary)
         summary["ceiling"] = {"lengths": ceiling.lengths, "seconds": ceiling.seconds}
     lines.append(f"{time.perf_counter() - start:.0f} s")

@@ -23,8 +23,7 @@ import numpy as np
 
 from cost_models import get_preset, static_memory
 from paradyse.lengths import sample_lengths
-from planners import InfeasibleError, choose, plan_time
-from planners.explain import WhatIf
+from planners import InfeasibleError, PlanningSetup, choose, plan_time
 from planners.models import get_model
 from planners.problem import as_problem
 
@@ -48,12 +47,14 @@ def micro_batches(count: int, seed: int) -> list[list[int]]:
 def instances(hardware, batches, heterogeneous: bool):
     """(time, mem, transient, budget) per batch, for the 80-layer model."""
     full = get_model("llama-70b", layers=80)
-    groups = [WhatIf(hardware, full, 8, 8, shard_optimizer=True)]
+    groups = [PlanningSetup(full, hardware, 8, 8, "bfloat16", shard_optimizer=True)]
     static = groups[0].static.total
     if heterogeneous:
         half = get_model("llama-70b", layers=40, ffn_hidden=full.ffn_hidden // 2)
-        groups = [WhatIf(hardware, get_model("llama-70b", layers=40), 8, 8, shard_optimizer=True),
-                  WhatIf(hardware, half, 8, 8, shard_optimizer=True)]  # fmt: skip
+        groups = [PlanningSetup(get_model("llama-70b", layers=40), hardware, 8, 8, "bfloat16",
+                                shard_optimizer=True),
+                  PlanningSetup(half, hardware, 8, 8, "bfloat16",
+                                shard_optimizer=True)]  # fmt: skip
         # the embedding and LM head once: the second group's layers without a vocabulary
         layers_only = static_memory(half, 40, 0, sp=8, dp=8, dtype="bfloat16",
                                     shard_optimizer=True)  # fmt: skip
@@ -126,8 +127,10 @@ def summary(name: str, instances_) -> list[float]:
 
 
 def cached_plan_us(hardware, batch) -> float:
-    whatif = WhatIf(hardware, get_model("llama-70b", layers=80), 8, 8, shard_optimizer=True)
-    planner = whatif.planner()
+    whatif = PlanningSetup(
+        get_model("llama-70b", layers=80), hardware, 8, 8, "bfloat16", shard_optimizer=True
+    )
+    planner = whatif.planner(hysteresis=0.0)
     planner.plan(batch)
     planner.plan(batch)
     samples = []

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from cost_models import get_preset
 from paradyse.lengths import LENGTH_DISTRIBUTIONS, sample_lengths
-from planners import InfeasibleError, format_bytes
-from planners.explain import WhatIf, baseline_methods
+from planners import InfeasibleError, PlanningSetup, format_bytes
+from planners.explain import baseline_methods
 from planners.models import MODEL_PRESETS
 
 SAFETY_MARGIN = 512 * 2**20  # the paper's 512 MB, read as MiB
@@ -55,8 +55,8 @@ def bucket(length: int, quantum: int) -> int:
     return -(-length // step) * step
 
 
-def simulate(whatif: WhatIf, method: str, lengths: list[int]) -> Outcome:
-    planner = whatif.planner(method)  # no hysteresis: each plan on its own merits
+def simulate(whatif: PlanningSetup, method, lengths: list[int]) -> Outcome:
+    planner = whatif.planner(method, hysteresis=0.0)  # each plan on its own merits
     times: list[float | None] = []
     for n in lengths:
         try:
@@ -64,7 +64,9 @@ def simulate(whatif: WhatIf, method: str, lengths: list[int]) -> Outcome:
         except InfeasibleError:
             times.append(None)
     fitted = [t for t in times if t is not None]
-    return Outcome(method, planner.longest_fitting(), sum(fitted), len(times) - len(fitted), times)
+    return Outcome(
+        str(method), planner.longest_fitting(), sum(fitted), len(times) - len(fitted), times
+    )
 
 
 def common_time(outcome: Outcome, common: list[int]) -> float:
@@ -106,12 +108,12 @@ def table(
 def run_setting(hardware, model, dataset, lengths, sp, dp, label) -> tuple[str, dict, list]:
     spec = MODEL_PRESETS[model]
     budget = hardware.memory_bytes - SAFETY_MARGIN
-    whatif = WhatIf(hardware, spec, sp, dp, "bfloat16", budget, shard_optimizer=dp > 1)
+    whatif = PlanningSetup(spec, hardware, sp, dp, "bfloat16", budget, shard_optimizer=dp > 1)
     methods = baseline_methods(whatif.costs.options)
     outcomes = [simulate(whatif, m, lengths) for m in methods]
     no_metp = [s for s in dict.fromkeys(o.strategy for o in whatif.costs.options) if s != "metp"]
-    lean = WhatIf(hardware, spec, sp, dp, "bfloat16", budget, strategies=no_metp,
-                  shard_optimizer=dp > 1)  # fmt: skip
+    lean = PlanningSetup(spec, hardware, sp, dp, "bfloat16", budget, strategies=no_metp,
+                         shard_optimizer=dp > 1)  # fmt: skip
     without = lean.planner("exact").longest_fitting()
     steps, extra = None, 0.0
     if dp > 1:

@@ -24,9 +24,9 @@ import torch.distributed as dist
 from torch.distributed._tools.mem_tracker import MemTracker
 
 import paradyse
-from cost_models.profile import add_shape_arguments, int_list, shape_from
 from paradyse import PackedBatch, SwitchableDecoderLayer, init_full_weights
 from parallel_lib import RECOMPUTE_MODES, STRATEGY_NAMES, LayerShape, count_bytes, get_strategy
+from parallel_lib.cli import add_shape_arguments, int_list, shape_from
 
 MiB = 1 << 20
 

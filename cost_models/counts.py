@@ -150,16 +150,16 @@ def _kernel_flops(q: int, k: int, heads: int, causal: bool, head_dim: int) -> fl
     return 4.0 * heads * head_dim * pairs
 
 
-def backward_kernels(kernel: Kernel) -> list[Kernel]:
+def backward_kernels(kernel: Kernel, trainable: bool = True) -> list[Kernel]:
     """The backward of one forward kernel: a matmul's input gradient (m, n, k), then its weight
     gradient (k, m, n) (the one a frozen weight skips); attention's, counted as 2x its forward."""
     if kernel.kind != "matmul":
         return [Kernel("attention", 2 * kernel.flops, kernel.count, kernel.shape)]
     m, k, n = kernel.shape
-    return [
-        Kernel("matmul", kernel.flops, kernel.count, (m, n, k)),
-        Kernel("matmul", kernel.flops, kernel.count, (k, m, n)),
-    ]
+    grads = [Kernel("matmul", kernel.flops, kernel.count, (m, n, k))]
+    if trainable:
+        grads.append(Kernel("matmul", kernel.flops, kernel.count, (k, m, n)))
+    return grads
 
 
 def _traffic(m: LayerDims, recompute: str) -> tuple[dict, dict, dict, dict]:
@@ -172,15 +172,19 @@ def _traffic(m: LayerDims, recompute: str) -> tuple[dict, dict, dict, dict]:
 
 
 def comm_bytes(
-    shape, strategy: str, T: int, P: int, dtype="float32", recompute: str = "none", inner=None
-) -> tuple[dict[str, int], dict[str, int], dict[str, int], dict[str, int]]:
+    shape, strategy: str, T: int, P: int, dtype="float32", recompute: str = "none", inner=None,
+    trainable: bool = True,
+) -> tuple[dict[str, int], dict[str, int], dict[str, int], dict[str, int]]:  # fmt: skip
     """(bytes forward, bytes backward, messages forward, messages backward) by collective kind
     for one rank. T: padded tokens over the group. Norm-weight gradient reduction (once per
-    step, by the engine) excluded. The formulas are in each strategy's cost description."""
+    step, by the engine) excluded. trainable False: a frozen layer (no weight gradients). The
+    formulas are in each strategy's cost description."""
     itemsize(dtype)  # an unknown dtype is refused whatever P
     if P == 1:
         return {}, {}, {}, {}
-    return _traffic(dims_for_tokens(shape, strategy_cost(strategy), T, P, dtype, inner), recompute)
+    cost = strategy_cost(strategy)
+    m = dims_for_tokens(shape, cost, T, P, dtype, inner, trainable=trainable)
+    return _traffic(m, recompute)
 
 
 def _elementwise_bytes(m: LayerDims) -> float:
@@ -204,15 +208,18 @@ def layer_counts(
     dtype="float32",
     recompute: str = "none",
     inner: int | None = None,
+    trainable: bool = True,
 ) -> LayerCounts:
     """Counts for one layer's forward and backward on one rank of a group of P.
 
     seq_lens are the unpadded lengths of the micro-batch; each is padded to a multiple of 2P as
-    the unified layout does."""
+    the unified layout does. trainable False: a frozen layer, whose weights get no gradient (no
+    weight-gradient matmuls or collectives)."""
     check_config(shape, strategy, P, recompute, inner)
     padded = [pad_length(n, P) for n in seq_lens]
     T = sum(padded)
-    m = dims_for_tokens(shape, strategy_cost(strategy), T, P, dtype, inner, max(padded, default=0))
+    m = dims_for_tokens(shape, strategy_cost(strategy), T, P, dtype, inner,
+                        max(padded, default=0), trainable=trainable)  # fmt: skip
     counts = LayerCounts(strategy, P, T, len(padded))
     fwd_kernels: dict[str, list[Kernel]] = {}
     for op, (i, o) in _projections(shape).items():
@@ -229,7 +236,7 @@ def layer_counts(
         for kern in kernels:
             counts.kernels_forward.append(kern)
             _add(counts.flops_forward, op, kern.flops * kern.count)
-            for back in backward_kernels(kern):
+            for back in backward_kernels(kern, trainable):
                 counts.kernels_backward.append(back)
                 _add(counts.flops_backward, op, back.flops * back.count)
             if op in recomputed[recompute]:

@@ -38,6 +38,8 @@ class LayerDims:
     a: int  # bytes per accumulator element (LSE, ring sums)
     longest: int  # longest padded sequence (T where only the total is known)
     rs_copy: bool  # the backend copies a reduce-scatter's input (gloo)
+    trainable: bool = True
+    """False: a frozen layer (no weight gradients): a linear keeps no input, a norm no x_hat."""
 
     @property
     def strategy(self) -> str:
@@ -56,7 +58,10 @@ class LayerDims:
     @property
     def norm_saved(self) -> int:
         # RMSNorm computes in float32: float32 x (the input itself in float32) and x_hat, the
-        # output in the compute dtype, 1/rms per token (measured on torch 2.13)
+        # output in the compute dtype, 1/rms per token (measured on torch 2.13). Frozen, the
+        # norm weight's gradient needs no x_hat and the next linear's none of the output.
+        if not self.trainable:
+            return self.tl * self.H * 4 + 4 * self.tl
         per_elem = 12 if self.e == 4 else 8 + self.e
         return self.tl * self.H * per_elem + 4 * self.tl
 
@@ -112,23 +117,34 @@ class LayerDims:
 
 
 def dims_for_tokens(
-    shape, cost: StrategyCost, T: int, P: int, dtype, inner, longest: int = 0, rs_copy: bool = False
-) -> LayerDims:
+    shape, cost: StrategyCost, T: int, P: int, dtype, inner, longest: int = 0,
+    rs_copy: bool = False, trainable: bool = True,
+) -> LayerDims:  # fmt: skip
     """The dims of a micro-batch of T padded tokens over the group (longest: 0 means T)."""
     u, c = cost.factorisation(P, inner)
     d = shape.head_dim
     return LayerDims(
         cost, P, u, c, T, T // P, shape.hidden, shape.heads * d, shape.kv_heads * d,
         shape.ffn_hidden, d, itemsize(dtype), accumulator_itemsize(dtype), longest or T, rs_copy,
+        trainable,
     )  # fmt: skip
 
 
 def layer_dims(
-    shape, strategy: str, seq_lens: Sequence[int], P: int, dtype, inner, rs_copy: bool
-) -> LayerDims:
+    shape, strategy: str, seq_lens: Sequence[int], P: int, dtype, inner, rs_copy: bool,
+    trainable: bool = True,
+) -> LayerDims:  # fmt: skip
     padded = [pad_length(n, P) for n in seq_lens]
     return dims_for_tokens(
-        shape, strategy_cost(strategy), sum(padded), P, dtype, inner, max(padded), rs_copy
+        shape,
+        strategy_cost(strategy),
+        sum(padded),
+        P,
+        dtype,
+        inner,
+        max(padded),
+        rs_copy,
+        trainable,
     )
 
 
@@ -144,13 +160,14 @@ def attention_saved(m: LayerDims) -> int:
     else:  # rotated Q, K, and the projection output that V is a view of
         saved += (q + kv) * e + (q + 2 * kv) * e
     saved += q * e + m.tl * m.Q // m.d * m.a  # attention output and its LSE
-    if m.reordered:
-        saved += q * e  # the reordered (or concatenated) output fed to the out projection
+    if m.reordered and m.trainable:
+        saved += q * e  # the reordered (or concatenated) output the out projection keeps
     return saved
 
 
 def mlp_saved(m: LayerDims) -> int:
-    return m.norm_saved + 4 * m.tl * m.F * m.e  # gate/up output, silu(gate), the product
+    kept = 4 if m.trainable else 3  # gate/up output, silu(gate), the product (a frozen down
+    return m.norm_saved + kept * m.tl * m.F * m.e  # projection keeps no input)
 
 
 def saved_bytes(m: LayerDims, recompute: str) -> int:

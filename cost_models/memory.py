@@ -45,15 +45,19 @@ def layer_memory(
     recompute: str = "none",
     inner: int | None = None,
     reduce_scatter_copy: bool = False,
+    trainable: bool = True,
 ) -> LayerMemory:
     """Saved, forward-peak and backward-peak bytes of one layer on one rank.
 
     seq_lens: unpadded lengths (padded to multiples of 2P as the layout does).
-    reduce_scatter_copy: the backend copies a reduce-scatter's input (gloo does; nccl not)."""
+    reduce_scatter_copy: the backend copies a reduce-scatter's input (gloo does; nccl not).
+    trainable False: a frozen layer (no weight gradients, fewer saved tensors)."""
     check_config(shape, strategy, P, recompute, inner)
-    m = layer_dims(shape, strategy, seq_lens, P, dtype, inner, reduce_scatter_copy)
+    m = layer_dims(shape, strategy, seq_lens, P, dtype, inner, reduce_scatter_copy, trainable)
     # one rank gathers, circulates and reduces nothing: every strategy runs the local layer
-    replayed = m if P > 1 else layer_dims(shape, "local", seq_lens, 1, dtype, None, False)
+    replayed = m
+    if P == 1:
+        replayed = layer_dims(shape, "local", seq_lens, 1, dtype, None, False, trainable)
     forward_peak, backward_peak = Replay(replayed).run(recompute)
     return LayerMemory(
         saved=saved_bytes(m, recompute),

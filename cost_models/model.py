@@ -105,14 +105,16 @@ class CostModel:
         dtype="float32",
         inner: int | None = None,
         nodes_spanned: int = 1,
+        trainable: bool = True,
     ) -> Cost:
         """One layer's forward and backward on one rank of a group of P for a micro-batch of
-        `seq_lens` (unpadded lengths)."""
+        `seq_lens` (unpadded lengths). trainable False: a frozen layer (no weight gradients)."""
         if self.profile is not None:
             self.profile.check_matches(dtype=dtype_name(dtype))
         counts = layer_counts(
-            shape, strategy, seq_lens, P, dtype=dtype, recompute=recompute, inner=inner
-        )
+            shape, strategy, seq_lens, P, dtype=dtype, recompute=recompute, inner=inner,
+            trainable=trainable,
+        )  # fmt: skip
         rs_copy = (
             self.profile.reduce_scatter_copy
             if self.profile is not None
@@ -120,7 +122,7 @@ class CostModel:
         )
         memory = layer_memory(
             shape, strategy, seq_lens, P, dtype=dtype, recompute=recompute, inner=inner,
-            reduce_scatter_copy=rs_copy,
+            reduce_scatter_copy=rs_copy, trainable=trainable,
         )  # fmt: skip
         description = strategy_cost(strategy)
         sizes = description.group_sizes(P, inner)

@@ -8,8 +8,9 @@ a time is the slowest rank's. Measured: matmul and attention-kernel time per cal
 taken from the model shape; memory-bound bandwidth; alpha + bytes/beta of every collective kind
 on every group size the strategies use (the group and its inner x outer factors); the overlap of
 compute and p2p; and, per strategy, a calibration scale from real layer steps at three sizes.
-Run it under torchrun on the machine you will train on, with the model's shape; it is one of the
-two modules of `cost_models` that import torch (with `cost_models.validate`).
+Run it under torchrun on the machine you will train on, with the model's shape. It is one of the
+two modules of `cost_models` that import torch and `parallel_lib` (with `cost_models.validate`);
+layer steps run through `parallel_lib.decoder_layer_step`, the function training runs.
 """
 
 from __future__ import annotations
@@ -17,13 +18,30 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
 
 import torch
 import torch.distributed as dist
+
+from parallel_lib import (
+    LayerWeights,
+    RingExchange,
+    ZigzagLayout,
+    all_gather_dim0,
+    all_reduce_,
+    all_to_all,
+    attention_backward,
+    attention_forward,
+    count_bytes,
+    decoder_layer_step,
+    get_strategy,
+    init_mesh,
+    pad_length,
+    reduce_scatter_dim0,
+)
+from parallel_lib.cli import add_shape_arguments, fail, shape_from, threads_from_env
 
 from .counts import RECOMPUTE_MODES, STRATEGIES, dtype_name
 from .hardware import detect
@@ -33,12 +51,6 @@ from .profile_data import Curve, LinkFit, Profile, ProfileError
 __all__ = ["measure_profile", "main"]
 
 MIN_SECONDS = 0.02  # each measurement repeats the call until it has run this long
-
-
-def threads_from_env() -> int:
-    """Intra-op threads per rank: OMP_NUM_THREADS when it is a positive integer, else 1."""
-    value = os.environ.get("OMP_NUM_THREADS", "1")
-    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def synchronize(device: torch.device) -> None:
@@ -122,8 +134,6 @@ def _attention(shape, P: int, dtype, device, causal: bool, max_tokens: int) -> t
 
 def _attention_times(q, k, v, causal: bool) -> tuple[float, float]:
     """Forward and backward seconds of one attention kernel call over one sequence."""
-    from parallel_lib import attention_backward, attention_forward
-
     cu_q, cu_k = [0, q.shape[0]], [0, k.shape[0]]
     out, lse = attention_forward(q, k, v, cu_q, cu_k, causal=causal)
     dout = torch.randn_like(out)
@@ -136,8 +146,6 @@ def _attention_times(q, k, v, causal: bool) -> tuple[float, float]:
 
 def _overlap(group, dtype, device) -> float:
     """Fraction of the shorter of a matmul and a ring exchange hidden when both run at once."""
-    from parallel_lib import RingExchange
-
     a = torch.randn(512, 512, dtype=dtype, device=device)
     payload = torch.randn(1 << 20, dtype=dtype, device=device)
 
@@ -172,15 +180,6 @@ def _elementwise(dtype, device) -> LinkFit:
 
 
 def _collectives(groups, dtype, device) -> dict[str, dict[int, LinkFit]]:
-    from parallel_lib import (
-        RingExchange,
-        all_gather_dim0,
-        all_reduce_,
-        all_to_all,
-        count_bytes,
-        reduce_scatter_dim0,
-    )
-
     def exchange(group, x):
         ring = RingExchange(group)
         ring.start(x)
@@ -224,25 +223,25 @@ def _calibration(mesh, shape, dtype, profile: Profile, max_tokens: int) -> None:
     The scale is what the kernel and link measurements miss inside a real step: per-op
     dispatch, contention between ranks sharing cores, merges and copies that are not plain
     bandwidth, imperfect overlap. Fills `profile.calibration` and `calibration_points`."""
-    from paradyse import PackedBatch, SwitchableDecoderLayer
-    from parallel_lib import get_strategy
-
     P = mesh.sp
     raw = CostModel(detect(), profile)  # no calibration yet: the analytic times
-    layer = SwitchableDecoderLayer(shape, mesh.sp_group, dtype=dtype, device=mesh.device)
+    weights = LayerWeights.random(shape, P, dtype=dtype, device=mesh.device)
     points = []
     for lens in calibration_lengths(max_tokens):
-        batch = PackedBatch.pack([[1] * n for n in lens], P, mesh.sp_rank, device=mesh.device)
-        x = torch.randn(batch.local_tokens, shape.hidden, dtype=dtype, device=mesh.device)
-        points.append((lens, batch, x.requires_grad_(), torch.randn_like(x)))
+        layout = ZigzagLayout([pad_length(n, P) for n in lens], P, mesh.sp_rank, mesh.device)
+        x = torch.randn(layout.local_tokens, shape.hidden, dtype=dtype, device=mesh.device)
+        points.append((lens, layout, x.requires_grad_(), torch.randn_like(x)))
     measured = {}
     for name in STRATEGIES:
-        if not get_strategy(name).supports(shape, P)[0]:
+        strategy = get_strategy(name)
+        if not strategy.supports(shape, P)[0]:
             continue
         rows = []
         for recompute in RECOMPUTE_MODES:
-            for lens, batch, x, dy in points:
-                fwd, bwd = step_times(layer, x, dy, batch, name, recompute, repeats=5)
+            for lens, layout, x, dy in points:
+                step = partial(decoder_layer_step, x, weights, layout, mesh.sp_group, strategy,
+                               recompute)  # fmt: skip
+                fwd, bwd = step_times(step, dy, repeats=5)
                 cost = raw.layer_cost(shape, name, recompute, lens, P, dtype=dtype_name(dtype))
                 rows.append([sum(lens), fwd, bwd, cost.forward_s, cost.backward_s])
             profile.calibration_points[f"{name}/{recompute}"] = rows[-len(points) :]
@@ -260,23 +259,24 @@ def _scale(pairs: list[tuple[float, float]]) -> float:
     return min(max(k, 0.25), 4.0)
 
 
-def step_times(layer, x, dy, batch, strategy, recompute, repeats: int = 3) -> tuple[float, float]:
-    """Median forward and backward seconds (slowest rank) of one layer step."""
+def step_times(step: Callable[[], torch.Tensor], dy, repeats: int = 3) -> tuple[float, float]:
+    """Median forward and backward seconds (slowest rank) of `step()` (a layer's forward, the
+    output of which is backpropagated with `dy`)."""
     forward, backward = [], []
-    layer(x, batch, strategy, recompute).backward(dy)  # warm-up
+    step().backward(dy)  # warm-up
     for _ in range(repeats):
         if dist.is_initialized():
             dist.barrier()
-        synchronize(x.device)
+        synchronize(dy.device)
         start = time.perf_counter()
-        y = layer(x, batch, strategy, recompute)
-        synchronize(x.device)
+        y = step()
+        synchronize(dy.device)
         middle = time.perf_counter()
         y.backward(dy)
-        synchronize(x.device)
+        synchronize(dy.device)
         end = time.perf_counter()
-        forward.append(_slowest(middle - start, x.device))
-        backward.append(_slowest(end - middle, x.device))
+        forward.append(_slowest(middle - start, dy.device))
+        backward.append(_slowest(end - middle, dy.device))
     return statistics.median(forward), statistics.median(backward)
 
 
@@ -318,44 +318,6 @@ def measure_profile(mesh, shape, dtype=torch.float32, max_tokens: int = 8192) ->
     return profile
 
 
-def add_shape_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=None, help="default: hidden / heads")
-    p.add_argument("--ffn", type=int, default=704)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-
-
-def int_list(flag: str, text: str) -> list[int]:
-    """Comma-separated integers of a flag; ValueError, one line naming the flag, otherwise."""
-    try:
-        return [int(t) for t in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
-
-
-def shape_from(args: argparse.Namespace):
-    """The LayerShape of the shape flags; ValueError, one line, for an impossible one."""
-    from parallel_lib import LayerShape
-
-    for flag, value in (("--hidden", args.hidden), ("--heads", args.heads),
-                        ("--kv-heads", args.kv_heads), ("--ffn", args.ffn)):  # fmt: skip
-        if value < 1:
-            raise ValueError(f"{flag} must be positive, got {value}")
-    if args.head_dim is None and args.hidden % args.heads:
-        raise ValueError(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
-    head_dim = args.head_dim or args.hidden // args.heads
-    return LayerShape(args.hidden, args.heads, args.kv_heads, head_dim, args.ffn)
-
-
-def fail(prog: str, message: str, code: int = 2) -> None:
-    """One line on stderr from rank 0, and exit."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{prog}: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m cost_models.profile",
@@ -368,12 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_shape_arguments(p)
     args = p.parse_args(argv)
-    import paradyse
-
     try:
         shape = shape_from(args)
         torch.set_num_threads(threads_from_env())
-        mesh = paradyse.init_mesh()
+        mesh = init_mesh()
         problem = shape.layout_problem(mesh.sp)
         if problem:
             raise ValueError(problem)

@@ -63,6 +63,12 @@ class Replay:
         self.done(consumed)
         return out
 
+    def release(self, *inputs: float) -> None:
+        """A frozen layer's linears keep no input (only the weight gradient reads it): each dies
+        when the function holding it returns."""
+        if self.saving and not self.m.trainable:
+            self.tape.free(*inputs)
+
     def kept_operand(self, op: str, i: int, o: int) -> int:
         """Bytes a recomputed linear keeps gathered for its backward beyond its saved input."""
         return self.m.cost.kept_operand(self.m, op in COLUMN_SHARDED, i, o)
@@ -77,8 +83,12 @@ class Replay:
 
     # -------------------------------------------------------------- norm
     def norm_forward(self) -> float:
-        """x_hat and 1/rms are kept (float32 also keeps the input); the output flows on."""
-        self.keep(self.m.norm_saved - self._norm_input() - self.unit)
+        """x_hat and 1/rms are kept (float32 also keeps the input); the output flows on (the
+        next linear keeps it). Frozen: x_hat comes and goes, the output is not counted here."""
+        m = self.m
+        if not m.trainable:
+            self.tape.temp(m.tl * m.H * 4)  # x_hat, float32
+        self.keep(self._norm_kept())
         out = self.tape.alloc(self.unit)
         self.done()
         return out
@@ -87,8 +97,13 @@ class Replay:
         m, t = self.m, self.tape
         t.temp(3 * m.tl * m.H * 4)  # float32 products of the gradient formula
         t.alloc(self.unit)  # the input gradient
-        t.free(m.norm_saved - self._norm_input() - self.unit)  # x_hat, 1/rms
-        t.free(self.unit, self.unit)  # the output and its gradient
+        t.free(self._norm_kept())  # x_hat, 1/rms
+        t.free(self.unit if m.trainable else 0, self.unit)  # the output, and its gradient
+
+    def _norm_kept(self) -> int:
+        """What the norm itself keeps beyond its input and its output (x_hat, 1/rms)."""
+        output = self.unit if self.m.trainable else 0  # frozen: not in norm_saved
+        return self.m.norm_saved - self._norm_input() - output
 
     def _norm_input(self) -> int:
         """Bytes of the saved float32 input that are the layer's own tensor (float32 only)."""
@@ -213,6 +228,7 @@ class Replay:
         y = self.linear_forward("qkv", m.H, m.Q + 2 * m.K, keep, consumed=xn)
         o = self.attention_forward(y)
         out = self.linear_forward("out", m.Q, m.H, keep, consumed=o)
+        self.release(xn, 0 if self.output_shared else o)  # the attention's locals
         t.alloc(self.unit)  # h
         t.free(out)
 
@@ -227,8 +243,10 @@ class Replay:
         self.done()  # the gate/up output lives on (a local variable) until the MLP returns
         if recomputing:
             m.cost.replay_last_recomputed(t, m, m.F, m.H)
+            self.release(hn, prod)
             return
         out = self.linear_forward("down", m.F, m.H, keep, consumed=prod)
+        self.release(hn, prod)  # the MLP's locals
         self.done(consumed=y)
         t.alloc(self.unit)
         t.free(out)
@@ -239,7 +257,7 @@ class Replay:
         m, t = self.m, self.tape
         H, F, e, unit = m.H, m.F, m.e, self.unit
         self.linear_backward("down", F, H, kept["down"], free_grad=False)  # dy is outside
-        t.free(m.tl * F * e)  # the down projection's saved input
+        t.free(m.tl * F * e if m.trainable else 0)  # the down projection's saved input
         t.temp(2 * m.tl * F * e)  # SwiGLU backward products
         t.alloc(m.tl * 2 * F * e)  # gradient of the gate/up output
         t.free(2 * m.tl * F * e + m.tl * 2 * F * e)  # input gradient, silu, gate/up output
@@ -253,7 +271,7 @@ class Replay:
         m, t = self.m, self.tape
         self.linear_backward("out", m.Q, m.H, kept["out"], free_grad=False)
         out_input = m.tl * m.Q * m.e  # the out projection's saved input
-        t.free(0 if self.output_shared else out_input)
+        t.free(0 if self.output_shared or not m.trainable else out_input)
         self.attention_backward()
         t.free(out_input if self.output_shared else 0)  # also saved by the attention
         self.linear_backward("qkv", m.H, m.Q + 2 * m.K, kept["qkv"])
@@ -272,6 +290,8 @@ class Replay:
         if recompute == "full":  # only the output stays (x is outside)
             t.free(t.live - unit)
         self.saving, t.peak = True, t.live
+        early = m.cost.output_grad_before_recompute(m, H) if recompute != "none" else 0
+        t.alloc(early)  # live while the forward is recomputed
         if recompute == "full":
             self.attention_block(keep=True)
         if recompute != "none":
@@ -282,6 +302,7 @@ class Replay:
                 ("qkv", H, m.Q + 2 * m.K), ("out", m.Q, H), ("gate_up", H, 2 * F), ("down", F, H)
             )
         }  # fmt: skip
+        t.free(early)  # the down projection's backward allocates it (again)
         self.mlp_block_backward(kept)
         self.attention_block_backward(kept)
         return forward_peak, t.peak

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from .counts import itemsize
 
-__all__ = ["StaticMemory", "static_memory", "layer_parameters", "logits_bytes"]
+__all__ = [
+    "StaticMemory", "static_memory", "layer_parameters", "logits_bytes", "vocab_transient_bytes"
+]  # fmt: skip
 
 
 def layer_parameters(shape) -> int:
@@ -26,6 +28,9 @@ class StaticMemory:
     optimizer: int
     """AdamW's two moments (float32, or float64 for float64 weights), plus float32 master
     weights for 16-bit weights."""
+    layer_moments: int = 0
+    """Of `optimizer`, one switchable layer's AdamW moments: what an optimizer wrapper may keep
+    off the device while the layer is frozen (master weights stay with the parameters)."""
 
     @property
     def total(self) -> int:
@@ -52,12 +57,25 @@ def static_memory(
     params = layers * per_layer + embeddings + H  # + the final norm
     b = itemsize(dtype)
     # two moments in max(dtype, float32), plus float32 master weights for 16-bit weights
-    optimizer_per_param = 2 * max(b, 4) + (4 if b < 4 else 0)
-    optimizer = params * optimizer_per_param // (dp if shard_optimizer else 1)
-    return StaticMemory(weights=params * b, gradients=params * b, optimizer=optimizer)
+    moments, masters = 2 * max(b, 4), 4 if b < 4 else 0
+    shards = dp if shard_optimizer else 1
+    optimizer = params * (moments + masters) // shards
+    return StaticMemory(
+        weights=params * b,
+        gradients=params * b,
+        optimizer=optimizer,
+        layer_moments=per_layer * moments // shards,
+    )
 
 
 def logits_bytes(tokens: int, vocab: int, sp: int) -> int:
     """The vocabulary-sharded LM head's float32 logits and their gradient on one rank: every one
     of the micro-batch's T tokens against this rank's vocab/sp rows."""
     return 2 * tokens * (vocab // sp) * 4
+
+
+def vocab_transient_bytes(vocab: int, hidden: int, dtype) -> int:
+    """The embedding's and LM head's whole (vocab, hidden) weight, gathered for a micro-batch,
+    and its dense gradient before the reduce-scatter: live beside the logits in the head's
+    backward, so a planner counts it with the static memory."""
+    return 2 * vocab * hidden * itemsize(dtype)

@@ -2,15 +2,16 @@
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 -m cost_models.validate \\
         [--profile profile.json] [--tokens 256,1024,4096,8192] [--strategies all] \\
-        [--recompute none,selective,full] [--sequences 2]
+        [--recompute none,selective,full] [--weights trainable,frozen] [--sequences 2]
 
-For every strategy the group supports x recompute mode x token count: one decoder layer's
-forward + backward on a packed micro-batch (`--sequences` sequences of uneven lengths), time
+For every strategy the group supports x recompute mode x token count x weights (trainable, or
+frozen: no weight gradients): one decoder layer's forward + backward on a packed micro-batch
+(`--sequences` sequences of uneven lengths), run through `parallel_lib.decoder_layer_step`, time
 measured as the slowest rank's median and peak memory (weights, gradients, the input, its
 gradient, activations, temporaries; torch's MemTracker on CPU, cuda.max_memory_allocated on
-CUDA), beside the model's prediction. Without
-`--profile` the machine is profiled first (as `python -m cost_models.profile` does). The last
-line is exactly:
+CUDA), beside the model's prediction. Without `--profile` the machine is profiled first (as
+`python -m cost_models.profile` does). With both kinds of weights, a summary line per kind comes
+first; the last line is exactly:
     time error: median X% worst Y% | memory error: median Z% worst W%
 """
 
@@ -21,28 +22,32 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from parallel_lib import (
+    LayerWeights,
+    ZigzagLayout,
+    decoder_layer_step,
+    get_strategy,
+    init_mesh,
+    pad_length,
+)
+from parallel_lib.cli import add_shape_arguments, fail, int_list, shape_from, threads_from_env
+
 from .counts import RECOMPUTE_MODES, STRATEGIES, dtype_name
 from .hardware import detect
 from .model import CostModel
-from .profile import (
-    add_shape_arguments,
-    fail,
-    int_list,
-    measure_profile,
-    shape_from,
-    step_times,
-    threads_from_env,
-)
+from .profile import measure_profile, step_times
 from .profile_data import Profile
 
 __all__ = ["Cell", "validate", "batch_lengths", "main"]
 
 MiB = 1 << 20
+WEIGHTS = ("trainable", "frozen")
 
 
 @dataclass
@@ -54,6 +59,8 @@ class Cell:
     predicted_s: float
     measured_bytes: int
     predicted_bytes: int
+    trainable: bool = True
+    """False: a frozen layer (its weights get no gradient)."""
 
     @property
     def time_error(self) -> float:
@@ -72,67 +79,80 @@ def batch_lengths(tokens: int, sequences: int) -> list[int]:
     return lens
 
 
-def measured_peak(layer, x, dy, batch, strategy, recompute, device) -> int:
+def measured_peak(step, weights: LayerWeights, x, dy, device) -> int:
     """Peak bytes over one step, with the gradients already allocated (steady state), counting
-    the parameters, their gradients, x and dy: torch.cuda.max_memory_allocated on CUDA,
-    MemTracker's peak elsewhere (DESIGN 6)."""
-    layer(x, batch, strategy, recompute).backward(dy)
+    the weights, their gradients, x and dy: torch.cuda.max_memory_allocated on CUDA, MemTracker's
+    peak elsewhere (DESIGN 6)."""
+    step().backward(dy)
     gc.collect()
     if device.type == "cuda":
-        held = sum(t.numel() * t.element_size() for t in (*layer.parameters(), x, dy))
-        held += sum(p.grad.numel() * p.grad.element_size() for p in layer.parameters())
+        held = sum(t.numel() * t.element_size() for t in (*weights.tensors(), x, dy))
+        held += sum(t.grad.numel() * t.grad.element_size() for t in _with_grads(weights))
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        layer(x, batch, strategy, recompute).backward(dy)
+        step().backward(dy)
         return torch.cuda.max_memory_allocated(device) - before + held
     tracker = MemTracker()
-    tracker.track_external(layer, x, dy)
+    tracker.track_external(*weights.tensors(), *(t.grad for t in _with_grads(weights)), x, dy)
     with tracker:
-        layer(x, batch, strategy, recompute).backward(dy)
+        step().backward(dy)
     return tracker.get_tracker_snapshot("peak")[device]["Total"]
 
 
-def predicted_peak(cost, layer, x) -> int:
-    """Parameters, their gradients, the input and its gradient, plus the layer's worst moment."""
-    params = sum(p.numel() * p.element_size() for p in layer.parameters())
+def _with_grads(weights: LayerWeights) -> list:
+    return [t for t in weights.tensors() if t.grad is not None]
+
+
+def predicted_peak(cost, weights: LayerWeights, x) -> int:
+    """Weights, their gradients (none when frozen), the input and its gradient, plus the
+    layer's worst moment."""
+    held = sum(t.numel() * t.element_size() for t in weights.tensors())
+    grads = sum(t.numel() * t.element_size() for t in weights.tensors() if t.requires_grad)
     io = 2 * x.numel() * x.element_size()
-    return 2 * params + io + max(cost.forward_peak_bytes, cost.backward_peak_bytes)
+    return held + grads + io + max(cost.forward_peak_bytes, cost.backward_peak_bytes)
 
 
 def validate(mesh, shape, model: CostModel, strategies, recomputes, token_counts, sequences,
-             dtype=torch.float32, repeats: int = 3) -> list[Cell]:  # fmt: skip
+             dtype=torch.float32, repeats: int = 3,
+             weights_kinds=("trainable",)) -> list[Cell]:  # fmt: skip
     """Measure and predict every cell (collective: every rank calls it)."""
-    from paradyse import PackedBatch, SwitchableDecoderLayer
-
     P = mesh.sp
-    layer = SwitchableDecoderLayer(shape, mesh.sp_group, dtype=dtype, device=mesh.device)
     g = torch.Generator().manual_seed(0)
     cells = []
     for tokens in token_counts:
         lens = batch_lengths(tokens, sequences)
-        batch = PackedBatch.pack([[1] * n for n in lens], P, mesh.sp_rank, device=mesh.device)
-        x = torch.randn(batch.local_tokens, shape.hidden, generator=g, dtype=dtype)
+        layout = ZigzagLayout([pad_length(n, P) for n in lens], P, mesh.sp_rank, mesh.device)
+        x = torch.randn(layout.local_tokens, shape.hidden, generator=g, dtype=dtype)
         x = x.to(mesh.device).requires_grad_()
-        dy = torch.randn(batch.local_tokens, shape.hidden, generator=g, dtype=dtype)
+        dy = torch.randn(layout.local_tokens, shape.hidden, generator=g, dtype=dtype)
         dy = dy.to(mesh.device)
-        for name in strategies:
-            for recompute in recomputes:
-                fwd, bwd = step_times(layer, x, dy, batch, name, recompute, repeats)
-                peak = measured_peak(layer, x, dy, batch, name, recompute, mesh.device)
-                cost = model.layer_cost(shape, name, recompute, lens, P, dtype=dtype_name(dtype))
-                cells.append(Cell(name, recompute, tokens, fwd + bwd, cost.time_s, peak,
-                                  predicted_peak(cost, layer, x)))  # fmt: skip
+        for kind in weights_kinds:
+            trainable = kind == "trainable"
+            weights = LayerWeights.random(shape, P, dtype=dtype, device=mesh.device,
+                                          trainable=trainable)  # fmt: skip
+            for name in strategies:
+                strategy = get_strategy(name)
+                for recompute in recomputes:
+                    step = partial(decoder_layer_step, x, weights, layout, mesh.sp_group,
+                                   strategy, recompute)  # fmt: skip
+                    fwd, bwd = step_times(step, dy, repeats)
+                    peak = measured_peak(step, weights, x, dy, mesh.device)
+                    cost = model.layer_cost(shape, name, recompute, lens, P, trainable=trainable,
+                                            dtype=dtype_name(dtype))  # fmt: skip
+                    cells.append(Cell(name, recompute, tokens, fwd + bwd, cost.time_s, peak,
+                                      predicted_peak(cost, weights, x), trainable))  # fmt: skip
     return cells
 
 
 def format_table(cells: list[Cell]) -> str:
     lines = [
-        f"{'strategy':<8} {'recompute':<9} {'tokens':>6} {'ms meas':>8} {'ms pred':>8} "
-        f"{'err':>6} {'MiB meas':>9} {'MiB pred':>9} {'err':>6}"
+        f"{'strategy':<8} {'recompute':<9} {'weights':<9} {'tokens':>6} {'ms meas':>8} "
+        f"{'ms pred':>8} {'err':>6} {'MiB meas':>9} {'MiB pred':>9} {'err':>6}"
     ]
     for c in cells:
+        kind = "trainable" if c.trainable else "frozen"
         lines.append(
-            f"{c.strategy:<8} {c.recompute:<9} {c.tokens:>6} {c.measured_s * 1e3:>8.1f} "
+            f"{c.strategy:<8} {c.recompute:<9} {kind:<9} {c.tokens:>6} {c.measured_s * 1e3:>8.1f} "
             f"{c.predicted_s * 1e3:>8.1f} {100 * c.time_error:>5.1f}% "
             f"{c.measured_bytes / MiB:>9.2f} {c.predicted_bytes / MiB:>9.2f} "
             f"{100 * c.memory_error:>5.1f}%"
@@ -141,6 +161,7 @@ def format_table(cells: list[Cell]) -> str:
 
 
 def summary(cells: list[Cell]) -> str:
+    """The error line over `cells`: median and worst relative error of time and of memory."""
     t = [c.time_error for c in cells]
     m = [c.memory_error for c in cells]
     return (
@@ -161,13 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--recompute", default=",".join(RECOMPUTE_MODES), help="comma-separated recompute modes"
     )
+    p.add_argument(
+        "--weights", default="trainable",
+        help="comma-separated: trainable, frozen (a layer whose weights get no gradient)",
+    )  # fmt: skip
     p.add_argument("--sequences", type=int, default=2, help="sequences per micro-batch")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per cell (median)")
     add_shape_arguments(p)
     args = p.parse_args(argv)
-    import paradyse
-    from parallel_lib import get_strategy
-
     try:
         shape = shape_from(args)
         tokens = int_list("--tokens", args.tokens)
@@ -177,8 +199,10 @@ def main(argv: list[str] | None = None) -> None:
             )
         names = list(STRATEGIES) if args.strategies == "all" else args.strategies.split(",")
         recomputes = args.recompute.split(",")
+        kinds = args.weights.split(",")
         for value, known, what in ((names, STRATEGIES, "strategy"),
-                                   (recomputes, RECOMPUTE_MODES, "recompute mode")):  # fmt: skip
+                                   (recomputes, RECOMPUTE_MODES, "recompute mode"),
+                                   (kinds, WEIGHTS, "--weights kind")):  # fmt: skip
             bad = [v for v in value if v not in known]
             if bad:
                 raise ValueError(f"unknown {what} {bad}; choose from {', '.join(known)}")
@@ -186,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--tokens, --sequences and --repeats must be positive")
         profile = Profile.load(args.profile) if args.profile else None
         torch.set_num_threads(threads_from_env())
-        mesh = paradyse.init_mesh()
+        mesh = init_mesh()
         if profile is not None:
             profile.check_matches(dtype=args.dtype, sp=mesh.sp)
     except ValueError as e:  # ProfileError included
@@ -202,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         profile = measure_profile(mesh, shape, dtype)
     model = CostModel(detect(), profile)
     cells = validate(mesh, shape, model, names, recomputes, tokens, args.sequences, dtype,
-                     args.repeats)  # fmt: skip
+                     args.repeats, kinds)  # fmt: skip
     if mesh.rank == 0:
         print(
             f"P={mesh.sp} {profile.machine.get('device')} {args.dtype}, one layer "
@@ -210,6 +234,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.sequences} sequences per batch, {time.perf_counter() - start:.0f} s"
         )
         print(format_table(cells))
+        if len(kinds) > 1:
+            for kind in kinds:
+                chosen = [c for c in cells if c.trainable == (kind == "trainable")]
+                print(f"{kind + ':':<10} {summary(chosen)}")
         print(summary(cells))
     if dist.is_initialized():
         dist.destroy_process_group()

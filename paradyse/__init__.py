@@ -1,14 +1,19 @@
 """ParaDySe: adaptive layer-wise parallel strategy switching for LLM training on dynamic sequences.
 
-The spine: the mesh, packed batches in the unified layout, the switchable decoder layer and its
-single-process reference, the model, the engine and trainer, data, and the `paradyse-train` CLI.
+The spine: packed batches in the unified layout, the switchable decoder layer (with its pluggable
+MLP) and its single-process reference, the model, the engine and trainer, data, checkpoints,
+integrations turned on from the config, and the `paradyse-train` CLI. The mesh is
+`parallel_lib`'s, re-exported here.
 """
+
+from parallel_lib import Mesh, init_mesh
 
 from .batch import IGNORE_INDEX, PackedBatch
 from .config import Config, ConfigError, DataConfig, ParallelConfig, TrainConfig, load_config
 from .engine import Engine, LayerHooks, MicroBatchResult, OptimizerWrapper, StepResult
+from .integration import Integration, RunContext
 from .layer import SwitchableDecoderLayer, full_from_shards, shard_full_weights
-from .mesh import Mesh, init_mesh
+from .mlp import DenseMLP
 from .model import (
     DecoderModel,
     ModelConfig,
@@ -19,7 +24,7 @@ from .model import (
     token_loss_sum,
 )
 from .optim import OptimConfig
-from .planning import build_planner
+from .planning import run_setup
 from .reference import ReferenceDecoderLayer, init_full_weights
 from .trainer import RunError, Trainer
 
@@ -29,7 +34,9 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DecoderModel",
+    "DenseMLP",
     "Engine",
+    "Integration",
     "LayerHooks",
     "Mesh",
     "MicroBatchResult",
@@ -39,6 +46,7 @@ __all__ = [
     "PackedBatch",
     "ParallelConfig",
     "ReferenceDecoderLayer",
+    "RunContext",
     "RunError",
     "StepResult",
     "SwitchableDecoderLayer",
@@ -46,13 +54,13 @@ __all__ = [
     "Trainer",
     "VocabParallelEmbedding",
     "VocabParallelHead",
-    "build_planner",
     "full_from_shards",
     "init_full_weights",
     "init_mesh",
     "is_sharded",
     "load_config",
     "mark_sharded",
+    "run_setup",
     "shard_full_weights",
     "token_loss_sum",
 ]

@@ -1,15 +1,15 @@
-"""Checkpoints with torch.distributed.checkpoint: model, optimizer, data position and RNG,
-resumable on a different world size or sp.
+"""Checkpoints with torch.distributed.checkpoint, resumable on a different world size or sp.
 
-Every weight is saved as the logical whole tensor it is a shard of (a DTensor sharded over sp and
-replicated over dp), so a later run with another P reads exactly its own rows. The switchable
-layer's fused shards are cut into their logical parts first (Q, K, V rows of `attn_qkv`; gate
-and up rows of `mlp_gate_up`). AdamW moments follow their parameters the same way (gathered
-over dp first under ZeRO-1). A checkpoint is written into `DIR/.step-N.partial`, described by
-`paradyse.json` (step, mesh, model shape, every file's size and sha256) and renamed to
-`DIR/step-N` only when complete; `DIR/latest` is replaced atomically last. A crash mid-save leaves
-the previous checkpoint and `latest` valid. Loading checks the manifest and reads DCP's metadata
-with an unpickler that accepts only DCP's own metadata classes.
+The `Checkpointer` saves the stateful parts it is handed by name (the model, the optimizer, the
+data position, the training progress, each integration's state; see `paradyse.checkpoint_state`)
+and never reaches into the trainer. Each part's `state_dict()` gives tensors (saved as they are,
+DTensors included) and JSON values (kept in one fixed-size byte tensor per part, so nothing is
+pickled); `load_state_dict()` gets them back after a load. A checkpoint is written into
+`DIR/.step-N.partial`, described by `paradyse.json` (step, mesh, model shape, integrations,
+every file's size and sha256) and renamed to `DIR/step-N` only when complete; `DIR/latest` is
+replaced atomically last. A crash mid-save leaves the previous checkpoint and `latest` valid.
+Loading checks the manifest and reads DCP's metadata with an unpickler that accepts only DCP's
+own metadata classes.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import json
 import os
 import pickle
 import shutil
-from dataclasses import asdict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,14 +30,14 @@ from torch import Tensor
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .layer import SwitchableDecoderLayer
-from .mesh import rank0_value
-from .model import is_sharded
+from parallel_lib.mesh import rank0_value
+
+from .integration import Stateful
 
 __all__ = ["CheckpointError", "Checkpointer", "checked_checkpoint", "find_checkpoint", "MANIFEST"]
 
 MANIFEST = "paradyse.json"
-FORMAT = "paradyse-checkpoint-1"
+FORMAT = "paradyse-checkpoint-2"
 
 
 class CheckpointError(ValueError):
@@ -84,145 +85,50 @@ class SafeReader(FileSystemReader):
         return metadata
 
 
-# ---------------------------------------------------------------- state pieces
+# ---------------------------------------------------------------- the checkpointer
 
-
-def _layer_parts(name: str, layer: SwitchableDecoderLayer) -> dict[int, list]:
-    """A switchable layer's fused shards cut into logical whole tensors:
-    {id(param): [(key, row start, row stop, global rows)]}."""
-    shape, P = layer.shape, layer.group.size
-    d = shape.head_dim
-    hq, hk, f = shape.heads // P * d, shape.kv_heads // P * d, shape.ffn_hidden // P
-    q_rows, kv_rows, f_rows = shape.heads * d, shape.kv_heads * d, shape.ffn_hidden
-    return {
-        id(layer.attn_qkv): [(f"{name}.wq", 0, hq, q_rows), (f"{name}.wk", hq, hq + hk, kv_rows),
-                             (f"{name}.wv", hq + hk, hq + 2 * hk, kv_rows)],
-        id(layer.attn_out): [(f"{name}.wo_t", 0, hq, q_rows)],
-        id(layer.mlp_gate_up): [(f"{name}.w_gate", 0, f, f_rows),
-                                (f"{name}.w_up", f, 2 * f, f_rows)],
-        id(layer.mlp_down): [(f"{name}.w_down_t", 0, f, f_rows)],
-    }  # fmt: skip
-
-
-def logical_parts(model: torch.nn.Module, P: int) -> dict[int, list[tuple[str, int, int, int]]]:
-    """For every parameter (by id): [(key, row start, row stop, global rows)] of the logical
-    whole tensors it holds rows of; global rows None for replicated parameters. A sharded
-    parameter outside a switchable layer is one Shard(0) piece of P x its rows."""
-    out: dict[int, list] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, SwitchableDecoderLayer):
-            out.update(_layer_parts(name, module))
-    for name, p in model.named_parameters():
-        if id(p) not in out:
-            rows = p.shape[0] * P if is_sharded(p) and p.dim() > 0 else None
-            out[id(p)] = [(name, 0, p.shape[0] if p.dim() else 0, rows)]
-    return out
+JSON_BYTES = 1 << 16
+"""Room for one part's JSON values (a fixed size: a load fills the tensor it saved)."""
 
 
 class Checkpointer:
-    """Saves and loads a Trainer's state (collective: every rank calls every method)."""
+    """Saves and loads named stateful parts (collective: every rank calls every method).
 
-    def __init__(self, trainer) -> None:
-        self.trainer = trainer
-        mesh = trainer.mesh
-        self.device_mesh = None
-        if mesh.world > 1:
-            from torch.distributed.device_mesh import DeviceMesh
+    `describe` goes into the manifest as it is (the model shape, the integrations), so that
+    `checked_checkpoint` can refuse a checkpoint of another run before any slow set-up."""
 
-            grid = torch.arange(mesh.world).reshape(mesh.dp, mesh.sp)
-            self.device_mesh = DeviceMesh(mesh.device.type, grid, mesh_dim_names=("dp", "sp"))
+    def __init__(self, mesh, parts: Mapping[str, Stateful], describe: dict[str, Any]) -> None:
+        self.mesh, self.parts, self.describe = mesh, dict(parts), dict(describe)
 
-    # ------------------------------------------------------------ building the state dict
-    def _wrap(self, local: Tensor, rows: int | None):
-        """A DTensor of the whole tensor (Shard(0) over sp, Replicate over dp), or the tensor."""
-        if self.device_mesh is None:
-            return local
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-
-        if rows is None:
-            placements = [Replicate(), Replicate()]
-            shape = local.shape
-        else:
-            placements = [Replicate(), Shard(0)]
-            shape = torch.Size([rows, *local.shape[1:]])
-        return DTensor.from_local(local, self.device_mesh, placements, run_check=False,
-                                  shape=shape, stride=_contiguous_stride(shape))  # fmt: skip
-
-    def _param_entries(self, tensor_of) -> dict[str, object]:
-        """{key: (D)Tensor} for every parameter; tensor_of(param) gives the tensor to save in
-        its place (the parameter, or its moment)."""
-        model, P = self.trainer.model, self.trainer.mesh.sp
-        parts = logical_parts(model, P)
-        entries = {}
-        for p in model.parameters():
-            t = tensor_of(p)
-            if t is None:
-                continue
-            for key, start, stop, rows in parts[id(p)]:
-                local = t[start:stop] if t.dim() else t
-                entries[key] = self._wrap(local, rows)
-        return entries
-
-    def state_dict(self) -> dict[str, object]:
-        """Everything a resume needs, as tensors (no pickled objects)."""
-        trainer = self.trainer
-        state = {f"model/{k}": v for k, v in self._param_entries(lambda p: p.detach()).items()}
-        moments = self._moments()
-        for which in ("exp_avg", "exp_avg_sq"):
-            found = self._param_entries(lambda p, w=which: moments.get((id(p), w)))
-            state.update({f"optim/{which}/{k}": v for k, v in found.items()})
-        state["optim/step"] = torch.tensor([float(self._adam_step())], dtype=torch.float64)
-        extra = {"step": trainer.engine.step_index, "data": trainer.batches.state_dict()}
-        state["trainer/json"] = _json_tensor(extra)
-        state["trainer/rng"] = torch.get_rng_state()
+    def state_dict(self) -> dict[str, Any]:
+        """Every part's state, flattened to `part/key` tensors for DCP."""
+        state: dict[str, Any] = {}
+        for name, part in self.parts.items():
+            plain = {}
+            for key, value in part.state_dict().items():
+                if isinstance(value, Tensor):
+                    state[f"{name}/{key}"] = value
+                else:
+                    plain[key] = value
+            if plain:
+                state[f"{name}/json"] = _json_tensor(plain, name)
         return state
 
-    # ------------------------------------------------------------ optimizer moments
-    def _moments(self) -> dict[tuple[int, str], Tensor]:
-        """(param id, 'exp_avg'|'exp_avg_sq') -> a tensor shaped like the parameter: a view of
-        the live AdamW state, or under ZeRO-1 of a dp-gathered copy (created as zeros where
-        the optimizer has not stepped yet)."""
-        out: dict[tuple[int, str], Tensor] = {}
-        self._gathered = []
-        for opt in self.trainer.engine.optimizers:
-            unit = opt.unit
-            for which in ("exp_avg", "exp_avg_sq"):
-                flat = torch.zeros(unit.data.numel(), dtype=torch.float32, device=unit.data.device)
-                if opt.optimizer is not None:
-                    _ensure_state(opt)
-                    for param, piece in zip(opt.optim_params, opt.pieces, strict=True):
-                        flat[piece.start : piece.stop] = opt.optimizer.state[param][which]
-                if opt.sharded:
-                    dist.all_reduce(flat, group=opt.dp_group.pg)  # slices are disjoint
-                self._gathered.append((opt, which, flat))
-                offset = 0
-                for p in unit.params:
-                    out[(id(p), which)] = flat[offset : offset + p.numel()].view_as(p)
-                    offset += p.numel()
-        return out
+    def _restore(self, state: dict[str, Any]) -> None:
+        for name, part in self.parts.items():
+            prefix = f"{name}/"
+            values = {
+                k.removeprefix(prefix): v
+                for k, v in state.items()
+                if k.startswith(prefix) and k != f"{name}/json"
+            }
+            if f"{name}/json" in state:
+                values.update(json.loads(bytes(state[f"{name}/json"].tolist()).rstrip(b"\0")))
+            part.load_state_dict(values)
 
-    def _adam_step(self) -> int:
-        for opt in self.trainer.engine.optimizers:
-            if opt.optimizer is not None:
-                for state in opt.optimizer.state.values():
-                    return int(state["step"])
-        return 0
-
-    def _restore_moments(self, step: int) -> None:
-        for opt, which, flat in self._gathered:
-            if opt.optimizer is None:
-                continue
-            for param, piece in zip(opt.optim_params, opt.pieces, strict=True):
-                state = opt.optimizer.state[param]
-                state[which].copy_(flat[piece.start : piece.stop])
-                state["step"].fill_(step)
-
-    # ------------------------------------------------------------ save and load
-    def save(self, root: str | Path) -> Path:
+    def save(self, root: str | Path, step: int) -> Path:
         """Write `root/step-N` atomically and point `root/latest` at it."""
-        trainer, mesh = self.trainer, self.trainer.mesh
-        root = Path(root)
-        step = trainer.engine.step_index
+        mesh, root = self.mesh, Path(root)
         final = root / f"step-{step:08d}"
         partial = root / f".step-{step:08d}.partial"
         if mesh.rank == 0:
@@ -238,7 +144,8 @@ class Checkpointer:
                 "world": mesh.world,
                 "sp": mesh.sp,
                 "dp": mesh.dp,
-                "model": asdict(trainer.config.model),
+                "parts": sorted(self.parts),
+                **self.describe,
                 "files": {f.name: _describe(f) for f in sorted(partial.iterdir())},
             }
             _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
@@ -248,10 +155,9 @@ class Checkpointer:
         _barrier(mesh)
         return final
 
-    def load(self, directory: Path) -> int:
-        """Restore the state saved in `directory` (from `checked_checkpoint`); returns the step
-        to continue from. CheckpointError, one line, if DCP cannot read it."""
-        trainer = self.trainer
+    def load(self, directory: Path) -> None:
+        """Restore every part from `directory` (from `checked_checkpoint`). CheckpointError, one
+        line, if DCP cannot read it."""
         state = self.state_dict()
         try:
             dcp.load(state, storage_reader=SafeReader(str(directory)),
@@ -260,27 +166,21 @@ class Checkpointer:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise CheckpointError(
                 f"checkpoint {directory} could not be read ({type(error).__name__}: "
-                f"{first[:300]}); "
-                "resume from an earlier one"
+                f"{first[:300]}); resume from an earlier one"
             ) from None
-        step = int(state["optim/step"][0])
-        self._restore_moments(step)
-        extra = json.loads(bytes(state["trainer/json"].tolist()).rstrip(b"\0"))
-        trainer.batches.load_state_dict(extra["data"])
-        trainer.engine.step_index = int(extra["step"])
-        torch.set_rng_state(state["trainer/rng"])
-        return int(extra["step"])
+        self._restore(state)
 
 
-def checked_checkpoint(path: str | Path, model: dict, mesh) -> Path:
-    """The checkpoint `path` names (itself, or its `latest`), its files and model shape checked
-    by rank 0 and the verdict shared: cheap, so a run checks it before any slow set-up.
-    CheckpointError, one line, on every rank if it is unusable."""
+def checked_checkpoint(path: str | Path, describe: dict[str, Any], mesh) -> Path:
+    """The checkpoint `path` names (itself, or its `latest`), its files checked and its
+    description (model shape, integrations) compared with this run's by rank 0, and the verdict
+    shared: cheap, so a run checks it before any slow set-up. CheckpointError, one line, on every
+    rank if it is unusable."""
     verdict = None
     if mesh.rank == 0:
         try:
             directory = find_checkpoint(path)
-            verify(directory, model)
+            verify(directory, describe)
             verdict = {"path": str(directory)}
         except CheckpointError as error:
             verdict = {"error": str(error)}
@@ -309,8 +209,9 @@ def find_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"--resume {path}: not a ParaDySe checkpoint (no {MANIFEST} or latest)")
 
 
-def verify(directory: Path, model: dict) -> dict:
-    """The manifest of `directory`, after checking every file's size and sha256 and the model."""
+def verify(directory: Path, describe: dict[str, Any]) -> dict:
+    """The manifest of `directory`, after checking every file's size and sha256, and that it
+    describes this run (`describe`: the model shape, the integrations)."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError) as error:
@@ -326,11 +227,18 @@ def verify(directory: Path, model: dict) -> dict:
                 f"checkpoint {directory} is corrupt: {name} differs from when it was written "
                 "(truncated or changed); resume from an earlier checkpoint"
             )
+    model = describe["model"]
     if manifest["model"] != model:
         changed = sorted(k for k in model if manifest["model"].get(k) != model[k])
         raise CheckpointError(
             f"checkpoint {directory} is of another model shape (model.{', model.'.join(changed)} "
             "differ): resume with the config it was written with"
+        )
+    saved, wanted = manifest.get("integrations", []), describe.get("integrations", [])
+    if saved != wanted:
+        raise CheckpointError(
+            f"checkpoint {directory} was written with integrations {saved or 'none'}, this run "
+            f"has {wanted or 'none'}: resume with the [integrations] it was written with"
         )
     return manifest
 
@@ -352,32 +260,14 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _json_tensor(value, size: int = 4096) -> Tensor:
+def _json_tensor(value, part: str, size: int = JSON_BYTES) -> Tensor:
     """JSON bytes as a fixed-size uint8 tensor (padded with zeros), so no object is pickled."""
     data = json.dumps(value).encode()
     if len(data) > size:
-        raise ValueError(f"trainer state of {len(data)} bytes exceeds {size}")
+        raise ValueError(f"the {part} state has {len(data)} bytes of JSON values; at most {size}")
     out = torch.zeros(size, dtype=torch.uint8)
     out[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return out
-
-
-def _ensure_state(opt) -> None:
-    """AdamW state (zeros, step 0) for an optimizer that has not stepped, so a load can fill it."""
-    for param in opt.optim_params:
-        state = opt.optimizer.state[param]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
-def _contiguous_stride(shape) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for n in reversed(shape):
-        stride.append(acc)
-        acc *= n
-    return tuple(reversed(stride))
 
 
 def _barrier(mesh) -> None:

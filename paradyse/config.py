@@ -1,8 +1,9 @@
 """The run's configuration: dataclasses loaded from TOML (`tomllib`), overridable by `--set`.
 
-Sections: [model] (`ModelConfig`), [data], [optim] (`OptimConfig`), [train], [parallel]. An
-unknown section or key, or a value of the wrong type, is a `ConfigError` whose one line names the
-key and what it accepts.
+Sections: [model] (`ModelConfig`), [data], [optim] (`OptimConfig`), [train], [parallel], and
+[integrations.NAME] tables that turn an integration on with its options (`paradyse.integration`).
+An unknown section, key or integration, or a value of the wrong type, is a `ConfigError` whose
+one line names the key and what it accepts.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from parallel_lib import RECOMPUTE_MODES, STRATEGY_NAMES
+from planners import parse_bytes
 
+from .integration import IntegrationError, options_of
 from .model import ModelConfig
 from .optim import OptimConfig
 
@@ -128,6 +132,14 @@ class ParallelConfig:
             if not ok:
                 value = getattr(self, key)
                 raise ValueError(f"parallel.{key} must be {allowed}; got {value!r}")
+        self.budget_bytes  # noqa: B018  (parses memory_budget, or says what is wrong with it)
+
+    @cached_property
+    def budget_bytes(self) -> int | None:
+        """memory_budget in bytes (parsed once); None: the device's memory."""
+        if not self.memory_budget:
+            return None
+        return parse_bytes(self.memory_budget, "--memory-budget")
 
 
 @dataclass(frozen=True)
@@ -137,9 +149,14 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    integrations: dict[str, Any] = field(default_factory=dict)
+    """[integrations.NAME] tables: name -> that integration's checked `Options`, in file order."""
 
 
-_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+INTEGRATIONS = "integrations"
+_SECTIONS = {
+    f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != INTEGRATIONS
+}
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -194,8 +211,8 @@ def _coerce(key: str, value: Any, kind) -> Any:
 def _checked(name: str, values: dict[str, Any], where: str) -> dict[str, Any]:
     """The table's values typed as its section's fields; unknown sections and keys refused."""
     if name not in _SECTIONS:
-        raise ConfigError(f"unknown config section [{name}] in {where}; sections: "
-                          f"{', '.join(_SECTIONS)}")  # fmt: skip
+        known = ", ".join([*_SECTIONS, f"{INTEGRATIONS}.NAME"])
+        raise ConfigError(f"unknown config section [{name}] in {where}; sections: {known}")
     if not isinstance(values, dict):
         raise ConfigError(f"[{name}] in {where} must be a table of keys")
     kinds = _field_types(type(_SECTIONS[name]()))
@@ -209,9 +226,11 @@ def _checked(name: str, values: dict[str, Any], where: str) -> dict[str, Any]:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """The defaults, updated by the TOML file at `path` (if any), then by `section.key=value`
-    overrides in order. Keys and types are checked as they come; each section is built (and
-    its values checked together, e.g. heads against kv_heads) once everything is applied."""
+    overrides in order (`integrations.NAME.key=value` for an integration's option). Keys and
+    types are checked as they come; each section is built (and its values checked together, e.g.
+    heads against kv_heads) once everything is applied."""
     tables: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    integrations: dict[str, dict[str, Any]] = {}
     sources = ["the defaults"]
     if path is not None:
         path = Path(path)
@@ -224,12 +243,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path} is not valid TOML: {error}") from None
         sources = [str(path)]
         for name, values in data.items():
-            checked = _checked(name, values, str(path))
-            tables[name].update(checked)
+            if name == INTEGRATIONS:
+                _add_integrations(integrations, values, str(path))
+            else:
+                checked = _checked(name, values, str(path))  # refuses an unknown section
+                tables[name].update(checked)
     for text in overrides:
         section, key, value = _split_override(text)
-        checked = _checked(section, {key: value}, f"--set {text}")
-        tables[section].update(checked)
+        if section == INTEGRATIONS:
+            name, dot, option = key.partition(".")
+            if not dot or not name or not option:
+                raise ConfigError(f"--set {text!r}: write integrations.NAME.key=value")
+            _add_integrations(integrations, {name: {option: value}}, f"--set {text}")
+        else:
+            checked = _checked(section, {key: value}, f"--set {text}")
+            tables[section].update(checked)
         sources.append(f"--set {section}.{key}")
     where = " + ".join(sources)
     sections = {}
@@ -238,7 +266,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             sections[name] = type(_SECTIONS[name]())(**values)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{error} (config from {where})") from None
-    return Config(**sections)
+    try:
+        chosen = {name: options_of(name, table, _coerce) for name, table in integrations.items()}
+    except IntegrationError as error:
+        raise ConfigError(f"{error} (config from {where})") from None
+    return Config(**sections, integrations=chosen)
+
+
+def _add_integrations(into: dict[str, dict[str, Any]], values: Any, where: str) -> None:
+    """Merge [integrations.NAME] tables (name -> {option: value}) into `into`."""
+    if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
+        raise ConfigError(
+            f"[integrations] in {where} must hold tables [integrations.NAME] of options"
+        )
+    for name, options in values.items():
+        into.setdefault(name, {}).update(options)
 
 
 def _split_override(text: str) -> tuple[str, str, str]:

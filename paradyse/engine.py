@@ -21,11 +21,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from parallel_lib import Strategy, get_strategy
+from parallel_lib.mesh import Mesh
 from planners import Option, Plan, Planner
 
 from .batch import PackedBatch
 from .memory import PeakMemory
-from .mesh import Mesh
 from .optim import FlatUnit, OptimConfig, UnitOptimizer, learning_rate, reduce_replicated
 
 __all__ = ["Engine", "LayerHooks", "OptimizerWrapper", "StepResult", "MicroBatchResult"]
@@ -82,6 +82,9 @@ class StepResult:
     """0 when the step was skipped."""
     skipped: bool
     """True when the gradient norm was not finite: no update was made (gradients dropped)."""
+    layer_grad_norms: list[float | None]
+    """Per switchable layer, the global norm of its gradient (over sp and dp) before clipping;
+    None for a layer frozen in this step."""
     step_s: float
     """Measured seconds of the slowest rank."""
     predicted_s: float
@@ -239,6 +242,7 @@ class Engine:
         if loss_tokens < 1:
             raise ValueError(f"a step needs at least one token with a target, got {loss_tokens}")
         trainable = self._set_trainable()
+        self._tell_planner(trainable)
         if self.mesh.world > 1:
             dist.barrier()
         start = time.perf_counter()
@@ -249,11 +253,11 @@ class Engine:
             for mb in micro_batches:
                 results.append(self.forward_backward(mb, loss_tokens))
                 memory.next_micro_batch()
-            grad_norm, lr = self._update(trainable)
+            grad_norm, lr, layer_norms = self._update(trainable)
         step_s = time.perf_counter() - start
         self._place_states(trainable)
         result = self._reduce_metrics(results, loss_tokens, grad_norm, lr, step_s,
-                                      memory.peak_bytes)  # fmt: skip
+                                      memory.peak_bytes, layer_norms)  # fmt: skip
         self.step_index += 1
         return result
 
@@ -282,21 +286,36 @@ class Engine:
                 "values every rank agrees on)"
             )
 
-    def _update(self, trainable: list[bool]) -> tuple[float, float]:
-        """Reduce gradients, clip by the global norm, step AdamW, zero gradients."""
-        active = [o for o, t in zip(self.optimizers, trainable, strict=True) if t]
+    def _tell_planner(self, trainable: list[bool]) -> None:
+        """The planner prices this step's frozen layers as frozen, and leaves out of the static
+        memory the optimizer state the wrapper keeps off the device."""
+        trained = {o for o, t in zip(self.unit_layers, trainable, strict=True) if t}
+        frozen = [i for i in range(len(self.layers)) if i not in trained]
+        offloaded = [
+            owner for owner, opt in zip(self.unit_layers, self.optimizers, strict=True)
+            if owner is not None and opt.state_off_device()
+        ]  # fmt: skip
+        self.planner.set_step(frozen=frozen, offloaded=offloaded)
+
+    def _update(self, trainable: list[bool]) -> tuple[float, float, list[float | None]]:
+        """Reduce gradients, clip by the global norm, step AdamW, zero gradients. Returns the
+        global gradient norm, the learning rate and every layer's gradient norm."""
+        pairs = zip(self.unit_layers, self.optimizers, trainable, strict=True)
+        chosen = [(owner, opt) for owner, opt, t in pairs if t]
+        owners, active = [o for o, _ in chosen], [opt for _, opt in chosen]
         reduce_replicated(active)
         for opt in active:
             opt.reduce(over_sp=False)
-        sharded, replicated = 0.0, 0.0
-        for opt in active:
-            a, b = opt.square_norms()
-            sharded, replicated = sharded + a, replicated + b
-        grad_norm = self._global_norm(sharded, replicated)
+        squares = self._global_squares(active)  # (units, 2), summed over the world
+        grad_norm = float(squares.sum().sqrt())
+        by_layer: list[float | None] = [None] * len(self.layers)
+        for owner, norm in zip(owners, squares.sum(dim=1).sqrt().tolist(), strict=True):
+            if owner is not None:
+                by_layer[owner] = norm
         if not math.isfinite(grad_norm):  # every rank sees the same norm: all skip together
             for unit in self.units:
                 unit.zero_grad()
-            return grad_norm, 0.0
+            return grad_norm, 0.0, by_layer
         clip = self.optim_config.grad_clip
         scale = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
         lr = learning_rate(self.optim_config, self.step_index, self.total_steps)
@@ -304,20 +323,22 @@ class Engine:
             opt.step(lr, scale)
         for unit in self.units:
             unit.zero_grad()
-        return grad_norm, lr
+        return grad_norm, lr, by_layer
 
-    def _global_norm(self, sharded: float, replicated: float) -> float:
-        """Shards differ over sp (and over dp with ZeRO-1); replicated parts agree over sp."""
+    def _global_squares(self, active: list[UnitOptimizer]) -> Tensor:
+        """Per unit, its squared gradient norm as (sharded part, replicated part), float64, over
+        the whole world. Shards differ over sp (and over dp with ZeRO-1); replicated parts agree
+        over sp. One all-reduce per group for every unit at once."""
         mesh = self.mesh
-        zero1 = self.optim_config.shard_optimizer and mesh.dp > 1
-        sums = torch.tensor([sharded, replicated], dtype=torch.float64, device=mesh.device)
-        if zero1:
+        rows = [opt.square_norms() for opt in active] or [(0.0, 0.0)]
+        sums = torch.tensor(rows, dtype=torch.float64, device=mesh.device)
+        if self.optim_config.shard_optimizer and mesh.dp > 1:
             dist.all_reduce(sums, group=mesh.dp_group.pg)
         if mesh.sp > 1:
-            part = sums[:1].clone()
-            dist.all_reduce(part, group=mesh.sp_group.pg)
-            sums[0] = part[0]
-        return float(sums.sum().sqrt())
+            sharded = sums[:, 0].contiguous()
+            dist.all_reduce(sharded, group=mesh.sp_group.pg)
+            sums[:, 0] = sharded
+        return sums[: len(active)]
 
     def _place_states(self, trainable: list[bool]) -> None:
         for owner, opt, flag in zip(self.unit_layers, self.optimizers, trainable, strict=True):
@@ -327,7 +348,8 @@ class Engine:
             if device is not None:
                 opt.state_to(torch.device(device))
 
-    def _reduce_metrics(self, results, loss_tokens, grad_norm, lr, step_s, peak) -> StepResult:
+    def _reduce_metrics(self, results, loss_tokens, grad_norm, lr, step_s, peak,
+                        layer_norms) -> StepResult:  # fmt: skip
         mesh = self.mesh
         loss_sum = sum(r.loss_sum for r in results)
         predicted_s = sum(r.plan.predicted_s for r in results)
@@ -345,6 +367,7 @@ class Engine:
             grad_norm=grad_norm,
             lr=lr,
             skipped=not math.isfinite(grad_norm),
+            layer_grad_norms=layer_norms,
             step_s=float(worst[0]),
             predicted_s=float(worst[1]),
             peak_bytes=int(worst[2]),

@@ -1,25 +1,36 @@
-"""The switchable decoder layer: 1/P weight shards, a strategy and a recompute mode per call."""
+"""The switchable decoder layer: 1/P weight shards, a strategy and a recompute mode per call.
+
+It owns the parameters and wraps `parallel_lib.decoder_layer_step`, the plain function every
+strategy runs; its MLP half is a pluggable module (`paradyse.mlp`).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from parallel_lib import (
     RECOMPUTE_MODES,
     AttentionWeights,
     CommGroup,
     LayerShape,
-    MlpWeights,
+    LayerWeights,
     Strategy,
     all_reduce_,
+    decoder_layer_step,
     get_strategy,
 )
 
+from .mlp import DenseMLP, LogicalPart
 from .reference import init_full_weights
+from .sharding import mark_sharded
 
 __all__ = ["SwitchableDecoderLayer", "shard_full_weights", "full_from_shards"]
+
+
+def _head_rows(shape: LayerShape, P: int) -> tuple[int, int]:
+    """Rows of one rank's query and key (or value) heads: heads/P x d, kv_heads/P x d."""
+    return shape.heads // P * shape.head_dim, shape.kv_heads // P * shape.head_dim
 
 
 def shard_full_weights(
@@ -30,29 +41,23 @@ def shard_full_weights(
     attn_qkv = [W_q rows of its heads; W_k rows; W_v rows]; attn_out = its input columns of W_o,
     transposed; mlp_gate_up = [W_gate rows; W_up rows]; mlp_down = its columns of W_down,
     transposed. Norm weights are replicated. Works for gradients too."""
-    d = shape.head_dim
-    hq, hk, f = shape.heads // P * d, shape.kv_heads // P * d, shape.ffn_hidden // P
-    q, kv, ff = (
-        slice(rank * hq, (rank + 1) * hq),
-        slice(rank * hk, (rank + 1) * hk),
-        slice(rank * f, (rank + 1) * f),
-    )
+    hq, hk = _head_rows(shape, P)
+    q, kv = slice(rank * hq, (rank + 1) * hq), slice(rank * hk, (rank + 1) * hk)
+    mlp = DenseMLP.shards_of(full, shape, P, rank)
     return {
         "attn_norm": full["attn_norm"],
         "attn_qkv": torch.cat([full["wq"][q], full["wk"][kv], full["wv"][kv]]),
         "attn_out": full["wo"][:, q].t(),
         "mlp_norm": full["mlp_norm"],
-        "mlp_gate_up": torch.cat([full["w_gate"][ff], full["w_up"][ff]]),
-        "mlp_down": full["w_down"][:, ff].t(),
+        **{f"mlp_{name}": value for name, value in mlp.items()},
     }
 
 
 def full_from_shards(shards: list[dict[str, Tensor]], shape: LayerShape) -> dict[str, Tensor]:
     """Inverse of `shard_full_weights`: whole weights from every rank's shards (rank order)."""
-    P, d = len(shards), shape.head_dim
-    hq, hk, f = shape.heads // P * d, shape.kv_heads // P * d, shape.ffn_hidden // P
+    hq, hk = _head_rows(shape, len(shards))
     qkv = [s["attn_qkv"] for s in shards]
-    gate_up = [s["mlp_gate_up"] for s in shards]
+    mlp = [{"gate_up": s["mlp_gate_up"], "down": s["mlp_down"]} for s in shards]
     return {
         "attn_norm": shards[0]["attn_norm"],
         "wq": torch.cat([t[:hq] for t in qkv]),
@@ -60,21 +65,20 @@ def full_from_shards(shards: list[dict[str, Tensor]], shape: LayerShape) -> dict
         "wv": torch.cat([t[hq + hk :] for t in qkv]),
         "wo": torch.cat([s["attn_out"] for s in shards]).t(),
         "mlp_norm": shards[0]["mlp_norm"],
-        "w_gate": torch.cat([t[:f] for t in gate_up]),
-        "w_up": torch.cat([t[f:] for t in gate_up]),
-        "w_down": torch.cat([s["mlp_down"] for s in shards]).t(),
+        **DenseMLP.whole_from(mlp, shape),
     }
 
 
 class SwitchableDecoderLayer(nn.Module):
-    """A LLaMA decoder layer (RMSNorm, GQA attention with RoPE, SwiGLU) stored as this rank's 1/P
-    shards. forward(x, batch, strategy, recompute) runs any supported strategy on any call; the
-    parameters never move, so switching strategies between calls costs nothing.
+    """A LLaMA decoder layer (RMSNorm, GQA attention with RoPE, an MLP) stored as this rank's
+    1/P shards. forward(x, batch, strategy, recompute) runs any supported strategy on any call;
+    the parameters never move, so switching strategies between calls costs nothing.
 
-    Norm weights are replicated across the group: each rank's gradient covers its own tokens only,
-    so sum them with `reduce_replicated_grads` (once per step) before the optimizer.
-    Weights are initialised from `seed` as whole weights and then sharded, so every group size
-    starts from the same layer."""
+    Parameters: attn_norm.weight, attn_qkv, attn_out, mlp_norm.weight and the MLP module's
+    (`mlp.gate_up`, `mlp.down` for the dense SwiGLU). Norm weights are replicated across the
+    group: each rank's gradient covers its own tokens only, so sum them with
+    `reduce_replicated_grads` (once per step) before the optimizer. Weights are initialised from
+    `seed` as whole weights and then sharded, so every group size starts from the same layer."""
 
     def __init__(
         self,
@@ -91,17 +95,14 @@ class SwitchableDecoderLayer(nn.Module):
         if problem:
             raise ValueError(f"cannot shard the layer over sp={group.size}: {problem}")
         P = group.size
-        self.shape, self.group = shape, group
+        self.shape, self.group, self.norm_eps = shape, group, norm_eps
         kw = {"dtype": dtype, "device": device}
         H, d = shape.hidden, shape.head_dim
         self.attn_norm = nn.RMSNorm(H, eps=norm_eps, **kw)
-        self.attn_qkv = nn.Parameter(torch.empty(shape.qkv_rows(P), H, **kw))
-        self.attn_out = nn.Parameter(torch.empty(shape.heads // P * d, H, **kw))
+        self.attn_qkv = mark_sharded(nn.Parameter(torch.empty(shape.qkv_rows(P), H, **kw)))
+        self.attn_out = mark_sharded(nn.Parameter(torch.empty(shape.heads // P * d, H, **kw)))
         self.mlp_norm = nn.RMSNorm(H, eps=norm_eps, **kw)
-        self.mlp_gate_up = nn.Parameter(torch.empty(2 * shape.ffn_hidden // P, H, **kw))
-        self.mlp_down = nn.Parameter(torch.empty(shape.ffn_hidden // P, H, **kw))
-        for p in (self.attn_qkv, self.attn_out, self.mlp_gate_up, self.mlp_down):
-            p.sp_sharded = True  # a 1/P shard: its gradient is complete on this rank
+        self.mlp = DenseMLP(shape, P, **kw)
         self._checked: set[tuple[str, int]] = set()
         self.strategy: str | Strategy = "local" if P == 1 else "tp_sp"
         """What forward() runs when the call names no strategy (the engine sets it per plan)."""
@@ -114,18 +115,17 @@ class SwitchableDecoderLayer(nn.Module):
     def load_full_weights(self, full: dict[str, Tensor]) -> None:
         """Copy this rank's shards out of whole weights (see `shard_full_weights`)."""
         shards = shard_full_weights(full, self.shape, self.group.size, self.group.rank)
-        for name, value in shards.items():
-            self.get_parameter(f"{name}.weight" if name.endswith("norm") else name).copy_(value)
+        for name, value in self.shard_tensors().items():
+            value.copy_(shards[name])
 
     def shard_tensors(self, grads: bool = False) -> dict[str, Tensor]:
-        """The six stored tensors (or their gradients), keyed as in `shard_full_weights`."""
+        """The stored tensors (or their gradients), keyed as in `shard_full_weights`."""
         params = {
             "attn_norm": self.attn_norm.weight,
             "attn_qkv": self.attn_qkv,
             "attn_out": self.attn_out,
             "mlp_norm": self.mlp_norm.weight,
-            "mlp_gate_up": self.mlp_gate_up,
-            "mlp_down": self.mlp_down,
+            **{f"mlp_{name}": p for name, p in self.mlp.named_parameters()},
         }
         return {k: (p.grad if grads else p) for k, p in params.items()}
 
@@ -137,6 +137,32 @@ class SwitchableDecoderLayer(nn.Module):
         for p in self.replicated_parameters():
             if p.grad is not None:
                 all_reduce_(p.grad, self.group)
+
+    def logical_parts(self, prefix: str = "") -> dict[str, list[LogicalPart]]:
+        """Per sharded parameter name: the logical whole tensors its rows belong to (the fused
+        Q/K/V shard is Q, K and V rows; see `paradyse.mlp.LogicalPart`)."""
+        shape = self.shape
+        hq, hk = _head_rows(shape, self.group.size)
+        q_rows, kv_rows = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+        parts = {
+            "attn_qkv": [(f"{prefix}wq", 0, hq, q_rows), (f"{prefix}wk", hq, hq + hk, kv_rows),
+                         (f"{prefix}wv", hq + hk, hq + 2 * hk, kv_rows)],
+            "attn_out": [(f"{prefix}wo_t", 0, hq, q_rows)],
+        }  # fmt: skip
+        for name, rows in self.mlp.logical_parts(prefix).items():
+            parts[f"mlp.{name}"] = rows
+        return parts
+
+    def weights(self) -> LayerWeights:
+        """What the layer step reads (views of the parameters, nothing copied)."""
+        return LayerWeights(
+            attn_norm=self.attn_norm.weight,
+            attention=AttentionWeights(self.attn_qkv, self.attn_out, self.shape),
+            mlp_norm=self.mlp_norm.weight,
+            mlp=self.mlp.weights(),
+            norm_eps=self.norm_eps,
+            mlp_kind=self.mlp.kind,
+        )
 
     # ------------------------------------------------------------------ forward
     def _strategy(self, strategy: str | Strategy) -> Strategy:
@@ -163,25 +189,9 @@ class SwitchableDecoderLayer(nn.Module):
     ) -> Tensor:
         """x (T/P, H) local tokens in the batch's layout -> (T/P, H).
 
-        strategy and recompute default to the layer's own (`set_option`). recompute: "none";
-        "selective" (the MLP half is recomputed in backward); "full" (the
-        whole layer is recomputed from x), with torch's non-reentrant checkpointing."""
+        strategy and recompute default to the layer's own (`set_option`); see
+        `parallel_lib.decoder_layer_step` for the recompute modes."""
         strategy = self.strategy if strategy is None else strategy
         recompute = self.recompute if recompute is None else recompute
-        if recompute not in RECOMPUTE_MODES:
-            raise ValueError(f"unknown recompute mode {recompute!r}; choose from {RECOMPUTE_MODES}")
         strat = self._strategy(strategy)
-        if recompute == "full":
-            return checkpoint(self._layer, x, batch, strat, True, use_reentrant=False)
-        return self._layer(x, batch, strat, False, recompute == "selective")
-
-    def _layer(self, x, batch, strat: Strategy, recomputed: bool, recompute_mlp=False) -> Tensor:
-        attn = AttentionWeights(self.attn_qkv, self.attn_out, self.shape)
-        h = x + strat.attention(self.attn_norm(x), attn, batch, self.group, recomputed=recomputed)
-        if recompute_mlp:
-            return h + checkpoint(self._mlp, h, strat, True, use_reentrant=False)
-        return h + self._mlp(h, strat, recomputed)
-
-    def _mlp(self, h: Tensor, strat: Strategy, recomputed: bool) -> Tensor:
-        weights = MlpWeights(self.mlp_gate_up, self.mlp_down, self.shape)
-        return strat.mlp(self.mlp_norm(h), weights, self.group, recomputed=recomputed)
+        return decoder_layer_step(x, self.weights(), batch.layout, self.group, strat, recompute)

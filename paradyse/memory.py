@@ -3,47 +3,17 @@ torch's MemTracker (parameters, gradients, optimizer state, activations, tempora
 
 from __future__ import annotations
 
-import ctypes
 import gc
-import sys
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
 
-__all__ = ["PeakMemory", "keep_freed_host_memory"]
-
-# glibc mallopt(3) parameters, and the largest mmap threshold it accepts on 64-bit systems
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD_MAX = 32 << 20
-_INT_MAX = (1 << 31) - 1
+__all__ = ["PeakMemory", "TotalMemTracker"]
 
 
-def keep_freed_host_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the system, as
-    CUDA's caching allocator does on the device; True when applied (Linux with glibc).
-
-    By default glibc serves a block above its mmap threshold with a fresh mapping and gives the
-    top of its heap back once more than the trim threshold is free. A training step frees and
-    re-allocates the same large activations every micro-batch, so each step then faults all
-    their pages in again: measured on the default model at 8192 tokens on 4 CPU ranks, tp_sp
-    took ~30,000 page faults per step and ran 1.2-1.4x slower than with the memory kept. Blocks of
-    up to 32 MiB (glibc's largest threshold) now come from the heap, which is never trimmed;
-    the process's resident memory stays near its highest peak (the budget bounds the tensors,
-    not the heap's fragmentation)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # absent from musl and other C libraries
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    kept = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
-    return bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX) and kept)
-
-
-class _TotalTracker(MemTracker):
+class TotalMemTracker(MemTracker):
     """MemTracker without its per-parameter gradient hooks: they only label gradients for the
     per-module breakdown (totals count every tensor anyway), and a frozen parameter
     (requires_grad False, e.g. a layer GRASS freezes) refuses hooks."""
@@ -78,7 +48,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self._tracker = _TotalTracker()
+            self._tracker = TotalMemTracker()
             self._tracker.track_external(self.model, *self.optimizers)
             self._tracker.__enter__()
         return self

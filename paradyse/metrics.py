@@ -1,8 +1,9 @@
 """What a run reports: one JSONL record per step, a progress line on rank 0, and the summary.
 
 Record fields (DESIGN 9, a contract): step, loss, tokens, seq_lens, plan, predicted_s, step_s,
-predicted_peak_bytes, peak_bytes, tokens_per_s; and lr, grad_norm, skipped (a non-finite
-gradient norm: no update), loss_tokens, split,
+predicted_peak_bytes, peak_bytes, tokens_per_s; and lr, grad_norm, layer_grad_norms (per
+switchable layer, null when frozen), skipped (a non-finite gradient norm: no update),
+loss_tokens, split,
 budget_bytes, micro_batches ([{seq_lens, plan, predicted_s, predicted_peak_bytes}] of rank 0's
 dp group). `plan` joins the micro-batches' plans with " ; ".
 """
@@ -38,6 +39,7 @@ def step_record(result: StepResult, seq_lens: list[int], split: int, budget: flo
         "tokens_per_s": tokens / result.step_s if result.step_s > 0 else None,
         "lr": result.lr,
         "grad_norm": result.grad_norm,
+        "layer_grad_norms": result.layer_grad_norms,
         "skipped": result.skipped,
         "loss_tokens": result.loss_tokens,
         "split": split,

@@ -20,6 +20,7 @@ from parallel_lib import CommGroup, LayerShape, all_gather_tokens, zero_linear
 
 from .batch import IGNORE_INDEX, PackedBatch
 from .layer import SwitchableDecoderLayer
+from .sharding import is_sharded, mark_sharded
 
 __all__ = [
     "ModelConfig",
@@ -31,18 +32,6 @@ __all__ = [
     "layer_seed",
     "token_loss_sum",
 ]
-
-
-def mark_sharded(param: nn.Parameter) -> nn.Parameter:
-    """Mark a parameter as this rank's shard of a whole weight: its gradient is complete on this
-    rank. Unmarked parameters are replicated over the sp group and their gradients are summed
-    over it by the engine."""
-    param.sp_sharded = True
-    return param
-
-
-def is_sharded(param: Tensor) -> bool:
-    return bool(getattr(param, "sp_sharded", False))
 
 
 def layer_seed(seed: int, index: int) -> int:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from parallel_lib import CommGroup, all_gather_dim0, all_reduce_, reduce_scatter_dim0
 
-from .model import is_sharded
+from .sharding import is_sharded
 
 __all__ = [
     "OptimConfig", "FlatUnit", "Segment", "UnitOptimizer", "learning_rate", "decays",
@@ -294,3 +294,16 @@ class UnitOptimizer:
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.device != device and value.dim() > 0:
                     state[key] = value.to(device)
+
+    def state_off_device(self) -> bool:
+        """Whether this unit's AdamW moments exist and are kept away from its weights' device
+        (moved by `state_to`); a unit without state yet counts as on the device."""
+        if self.optimizer is None:
+            return False
+        master = self.master.device
+        return any(
+            value.device != master
+            for state in self.optimizer.state.values()
+            for value in state.values()
+            if isinstance(value, Tensor) and value.dim() > 0
+        )

@@ -1,24 +1,23 @@
-"""The planner of a training run: the cost model, the options the strategies support, the
-static memory, and the method the run's `--strategy`/`--planner`/`--recompute` ask for."""
+"""The planning side of a run: its `PlanningSetup` (the model on this machine, with this run's
+budget, dtype, groups and options), its method, and the cost-model profile it prices with."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
 
-from cost_models import CostModel, Hardware, Profile, ProfileError, detect, static_memory
-from cost_models.counts import dtype_name, itemsize
+from cost_models import Hardware, Profile, ProfileError
+from cost_models.counts import dtype_name
 from cost_models.profile import measure_profile
-from parallel_lib import get_strategy
-from planners import LayerCosts, Option, Planner, enumerate_options
+from parallel_lib import Mesh, get_strategy, rank0_value
+from planners import Method, Option, PlanningSetup
 
-from .mesh import Mesh, rank0_value
-from .model import ModelConfig
+from .config import Config
 
 __all__ = [
-    "ADAPTIVE", "build_planner", "planner_method", "resolve_profile", "strategy_supports",
-    "vocab_transient_bytes",
+    "ADAPTIVE", "exact_setup", "resolve_profile", "run_method", "run_setup", "strategy_supports"
 ]  # fmt: skip
 
 ADAPTIVE = "adaptive"
@@ -30,60 +29,43 @@ def strategy_supports(option: Option, shape, P: int) -> tuple[bool, str]:
     return get_strategy(option.strategy, **options).supports(shape, P)
 
 
-def vocab_transient_bytes(config: ModelConfig, dtype: str) -> int:
-    """The embedding's and LM head's whole (vocab, hidden) weight, gathered for a micro-batch,
-    and its dense gradient before the reduce-scatter: live beside the logits in the head's
-    backward, so counted with the static memory."""
-    return 2 * config.vocab * config.hidden * itemsize(dtype)
+def run_method(config: Config) -> Method:
+    """The method of --strategy, --planner and --recompute."""
+    par = config.parallel
+    return Method.for_run(par.strategy, par.planner, par.recompute or None)
 
 
-def planner_method(strategy: str, planner: str, recompute: str | None) -> str:
-    """`adaptive` -> the planner method; a strategy name -> static:NAME[+RECOMPUTE]."""
-    if strategy == ADAPTIVE:
-        return planner
-    return f"static:{strategy}" + (f"+{recompute}" if recompute else "")
-
-
-def build_planner(
-    config: ModelConfig,
+def run_setup(
+    config: Config,
     *,
     sp: int,
     dp: int,
-    strategy: str = ADAPTIVE,
-    planner: str = "exact",
-    recompute: str | None = None,
-    budget_bytes: float | None = None,
-    dtype: str = "float32",
-    shard_optimizer: bool = False,
+    hardware: Hardware,
     profile: Profile | None = None,
-    hardware: Hardware | None = None,
-) -> Planner:
-    """A Planner for `config` on a switchable group of `sp` (ValueError, one line, when the
-    strategy cannot run the model there). budget_bytes None: the device's memory."""
-    shape = config.shape
-    dtype = dtype_name(dtype)
-    hardware = hardware or detect()
-    if strategy != ADAPTIVE:
-        ok, reason = get_strategy(strategy).supports(shape, sp)
-        if not ok:
-            raise ValueError(f"--strategy {strategy}: {reason}")
-    strategies = None if strategy == ADAPTIVE else [strategy]
-    recomputes = [recompute] if recompute else None
-    options = enumerate_options(shape, sp, strategies, recomputes, supports=strategy_supports)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(sp)) or sp)
-    nodes_spanned = max(1, -(-sp // max(1, local)))
-    costs = LayerCosts(
-        CostModel(hardware, profile), shape, config.layers, sp, options,
-        dtype=dtype, vocab=config.vocab, nodes_spanned=nodes_spanned,
+    every_option: bool = False,
+) -> PlanningSetup:
+    """The run's PlanningSetup: its model, sp x dp, dtype, --memory-budget, ZeRO-1 switch and
+    ranks per node (LOCAL_WORLD_SIZE), over the options --strategy and --recompute allow (all of
+    them with `every_option`). ValueError, one line, when the strategy cannot run the model."""
+    par, model = config.parallel, config.model
+    strategies = recomputes = None
+    if not every_option:
+        if par.strategy != ADAPTIVE:
+            ok, reason = get_strategy(par.strategy).supports(model.shape, sp)
+            if not ok:
+                raise ValueError(f"--strategy {par.strategy}: {reason}")
+            strategies = [par.strategy]
+        recomputes = [par.recompute] if par.recompute else None
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "") or sp)
+    return PlanningSetup(
+        model, hardware, sp, dp, config.train.dtype, par.budget_bytes, profile,
+        config.optim.shard_optimizer, per_node, strategies, recomputes, strategy_supports,
     )  # fmt: skip
-    static = static_memory(
-        shape, config.layers, config.vocab, sp=sp, dp=dp, dtype=dtype,
-        shard_optimizer=shard_optimizer,
-    ).total + vocab_transient_bytes(config, dtype)  # fmt: skip
-    budget = hardware.memory_bytes if budget_bytes is None else budget_bytes
-    return Planner(
-        costs, budget, static_bytes=static, method=planner_method(strategy, planner, recompute)
-    )
+
+
+def exact_setup(setup: PlanningSetup) -> PlanningSetup:
+    """The same model and machine over every option (what the exact planner may choose from)."""
+    return dataclasses.replace(setup, strategies=None, recomputes=None)
 
 
 def resolve_profile(template: str, mesh: Mesh, shape, dtype, *, max_tokens: int = 8192,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from cost_models.profile import threads_from_env
 from parallel_lib import RECOMPUTE_MODES, STRATEGY_NAMES
+from parallel_lib.cli import threads_from_env
 
 from .config import ConfigError, load_config
 from .trainer import RunError, Trainer

@@ -1,10 +1,12 @@
 """The training run behind `paradyse-train`: set up from a Config, check feasibility, loop.
 
-Set-up order (each failure is one line and an exit code, raised as `RunError`): mesh and the
-model's fit to sp -> data source -> cost-model profile -> planner -> the longest sequence the
-exact planner fits in the budget (longer documents are split there, whatever the strategy, so
-every strategy trains on the same data) -> the chosen strategy must fit the fullest micro-batch
--> model and engine.
+Set-up, in order (each failure is one line and an exit code, raised as `RunError`): the mesh
+and the model's fit to sp -> the checkpoint to resume from (checked before anything slow) -> the
+data -> the metrics file -> the cost-model profile and the hardware -> the planner -> the cut
+length (the longest sequence the exact planner fits in the budget: longer documents are split
+there, whatever the strategy, so every strategy trains on the same data) -> the fullest
+micro-batch must fit the chosen strategy -> the model -> the integrations -> the engine -> the
+checkpointer, and the resume.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ import torch
 import torch.distributed as dist
 
 from cost_models import Hardware, Profile, detect
-from parallel_lib import pad_length
-from planners import InfeasibleError, Planner, format_bytes, parse_bytes
+from parallel_lib import Mesh, init_mesh, pad_length, rank0_value
+from planners import InfeasibleError, Planner, PlanningSetup, format_bytes
 
 from .checkpoint import MANIFEST, Checkpointer, CheckpointError, checked_checkpoint
+from .checkpoint_state import ModelState, OptimizerState, TrainProgress, device_mesh_of
 from .config import Config
 from .data import DataError, GlobalBatches, assign_to_dp, micro_batches, open_source
 from .engine import Engine, LayerHooks, OptimizerWrapper, StepResult
-from .mesh import Mesh, init_mesh, rank0_value
+from .integration import Integration, IntegrationError, RunContext, plug_in
 from .metrics import MetricsWriter, Progress, step_record, summary_lines
 from .model import DecoderModel
-from .planning import ADAPTIVE, build_planner, resolve_profile
+from .planning import ADAPTIVE, exact_setup, resolve_profile, run_method, run_setup
 
 __all__ = ["RunError", "Trainer", "EXIT_USAGE", "EXIT_MEMORY"]
 
@@ -46,7 +49,9 @@ class RunError(Exception):
 
 
 class Trainer:
-    """Builds everything a run needs from `config` (collective: every rank constructs it)."""
+    """Builds everything a run needs from `config` (collective: every rank constructs it).
+
+    `hooks` and `optimizer_wrapper` plug in beside the integrations the config turns on."""
 
     def __init__(
         self,
@@ -60,69 +65,65 @@ class Trainer:
     ) -> None:
         self.config, self.log = config, log
         self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
-        par, data, train = config.parallel, config.data, config.train
+        self.mesh = self._mesh(mesh)
+        resume_from = self._checkpoint_to_resume()  # checked before the slow set-up
+        self.dtype = getattr(torch, config.train.dtype)
+        self.batches = self._data()
+        self.writer = self._metrics_writer()
+        profile, hardware = self._profile(), self._hardware()
+        self.setup = self._planning_setup(profile, hardware)
+        self.budget_bytes = self.setup.budget
+        self.planner = self._planner(self.setup)
+        self.split_len = self._split_length()
+        self._check_fullest_micro_batch()
+        self._warn_about_the_cut()
+        self.model = DecoderModel(config.model, self.mesh.sp_group, seed=config.train.seed,
+                                  dtype=self.dtype, device=self.mesh.device)  # fmt: skip
+        self.integrations = self._plug_in_integrations()
+        self.engine = self._engine(hooks, optimizer_wrapper)
+        self.records: list[dict] = []
+        self.split_documents = 0
+        self.checkpointer = self._checkpointer()
+        self._resume(resume_from)
+
+    # ------------------------------------------------------------------ set-up
+    def _mesh(self, mesh: Mesh | None) -> Mesh:
+        """The given mesh, or one from the torchrun environment; the model must split over sp."""
         if mesh is None:
             try:
-                mesh = init_mesh(par.sp or None)
+                mesh = init_mesh(self.config.parallel.sp or None)
             except ValueError as error:
                 raise RunError(f"parallel.sp: {error}") from None
-        self.mesh = mesh
-        problem = config.model.sp_problem(mesh.sp)
+        problem = self.config.model.sp_problem(mesh.sp)
         if problem:
             raise RunError(f"the model cannot be split over sp={mesh.sp}: {problem}")
-        resume_from = self._checkpoint_to_resume()  # checked before the slow set-up
-        self.dtype = getattr(torch, train.dtype)
+        return mesh
+
+    def _data(self) -> GlobalBatches:
+        """The data source and its stream of global batches."""
+        data, train = self.config.data, self.config.train
         try:
             self.source = open_source(
-                data.source, path=data.path, tokenizer=data.tokenizer, vocab=config.model.vocab,
-                field=data.field, distribution=data.distribution, count=data.documents,
-                seed=train.seed,
+                data.source, path=data.path, tokenizer=data.tokenizer,
+                vocab=self.config.model.vocab, field=data.field,
+                distribution=data.distribution, count=data.documents, seed=train.seed,
             )  # fmt: skip
-            self.batches = GlobalBatches(self.source, tokens_per_step=data.tokens_per_step,
-                                         max_seq_len=data.max_seq_len, seed=train.seed)  # fmt: skip
+            batches = GlobalBatches(self.source, tokens_per_step=data.tokens_per_step,
+                                    max_seq_len=data.max_seq_len, seed=train.seed)  # fmt: skip
         except DataError as error:
             raise RunError(str(error)) from None
         if data.tokens_per_rank < 1:
             raise RunError(f"data.tokens_per_rank must be positive, got {data.tokens_per_rank}")
-        try:
-            self.budget = parse_bytes(par.memory_budget, "--memory-budget") if par.memory_budget \
-                else None  # fmt: skip
-        except ValueError as error:
-            raise RunError(str(error)) from None
-        self.writer = self._metrics_writer()
-        profile = self._profile()
-        hardware = Hardware.from_dict(rank0_value(detect().to_dict(), mesh.device))
-        self.budget_bytes = float(self.budget if self.budget is not None else hardware.memory_bytes)
-        self.planner = self._planner(par.strategy, par.planner, profile, hardware)
-        self.split_len = self._split_length(profile, hardware)
-        self._check_fullest_micro_batch()
-        if self.split_len < data.max_seq_len and mesh.rank == 0:  # said once the run can go ahead
-            self.warn(
-                f"warning: the longest sequence that fits {format_bytes(self.budget_bytes)} per "
-                f"rank is {self.split_len} tokens: documents are split at {self.split_len}, not "
-                f"at data.max_seq_len={data.max_seq_len}"
-            )
-        self.model = DecoderModel(config.model, mesh.sp_group, seed=train.seed,
-                                  dtype=self.dtype, device=mesh.device)  # fmt: skip
-        self.engine = Engine(
-            self.model, mesh, self.planner, config.optim, total_steps=train.steps,
-            hooks=hooks, optimizer_wrapper=optimizer_wrapper,
-            measure_memory=train.measure_memory,
-        )  # fmt: skip
-        self.records: list[dict] = []
-        self.split_documents = 0
-        self.checkpointer = Checkpointer(self) if (train.save or train.resume) else None
-        if resume_from is not None:
-            try:
-                step = self.checkpointer.load(resume_from)
-            except CheckpointError as error:
-                raise RunError(str(error)) from None
-            if mesh.rank == 0:
-                self.log(f"resumed from {resume_from} at step {step}")
-        elif train.resume and mesh.rank == 0:
-            self.log(f"no checkpoint in {train.resume} yet: starting from step 0")
+        return batches
 
-    # ------------------------------------------------------------------ set-up
+    def _hardware(self) -> Hardware:
+        """This machine as rank 0 sees it, so the ranks of an sp group plan alike."""
+        return Hardware.from_dict(rank0_value(detect().to_dict(), self.mesh.device))
+
+    def _describe(self) -> dict:
+        """What a checkpoint of this run records and a resume must match."""
+        return {"model": asdict(self.config.model), "integrations": list(self.config.integrations)}
+
     def _checkpoint_to_resume(self) -> Path | None:
         """The verified checkpoint --resume names, or None (no --resume, or the first start of
         a self-resuming job); RunError, one line, if it is unusable."""
@@ -130,7 +131,7 @@ class Trainer:
         if not train.resume or self._first_start():
             return None
         try:
-            return checked_checkpoint(train.resume, asdict(self.config.model), self.mesh)
+            return checked_checkpoint(train.resume, self._describe(), self.mesh)
         except CheckpointError as error:
             raise RunError(str(error)) from None
 
@@ -169,25 +170,26 @@ class Trainer:
         except ValueError as error:
             raise RunError(str(error)) from None
 
-    def _planner(self, strategy: str, method: str, profile, hardware) -> Planner:
-        par = self.config.parallel
+    def _planning_setup(self, profile: Profile | None, hardware: Hardware) -> PlanningSetup:
         try:
-            return build_planner(
-                self.config.model, sp=self.mesh.sp, dp=self.mesh.dp, strategy=strategy,
-                planner=method, recompute=par.recompute or None, budget_bytes=self.budget_bytes,
-                dtype=self.config.train.dtype, shard_optimizer=self.config.optim.shard_optimizer,
-                profile=profile, hardware=hardware,
-            )  # fmt: skip
+            return run_setup(self.config, sp=self.mesh.sp, dp=self.mesh.dp, hardware=hardware,
+                             profile=profile)  # fmt: skip
         except ValueError as error:
             raise RunError(str(error)) from None
 
-    def _split_length(self, profile, hardware) -> int:
+    def _planner(self, setup: PlanningSetup) -> Planner:
+        try:
+            return setup.planner(run_method(self.config))
+        except ValueError as error:
+            raise RunError(str(error)) from None
+
+    def _split_length(self) -> int:
         """The cut length of long documents: data.max_seq_len, or less if the exact planner fits
         no sequence that long in the budget."""
         limit = self.config.data.max_seq_len
         exact = self.planner
-        if self.planner.method != "exact":
-            exact = self._planner(ADAPTIVE, "exact", profile, hardware)
+        if self.planner.method.kind != "exact":
+            exact = exact_setup(self.setup).planner("exact")
         if exact.fits([limit]):
             return limit
         longest = exact.longest_fitting(limit)
@@ -198,6 +200,75 @@ class Trainer:
                 raise RunError(f"--memory-budget is impossible: {error}", EXIT_MEMORY) from None
             raise RunError("no sequence fits the memory budget", EXIT_MEMORY)
         return longest
+
+    def _warn_about_the_cut(self) -> None:
+        """Said once the run can go ahead: documents are cut shorter than data.max_seq_len."""
+        limit = self.config.data.max_seq_len
+        if self.split_len < limit and self.mesh.rank == 0:
+            self.warn(
+                f"warning: the longest sequence that fits {format_bytes(self.budget_bytes)} per "
+                f"rank is {self.split_len} tokens: documents are split at {self.split_len}, not "
+                f"at data.max_seq_len={limit}"
+            )
+
+    def _plug_in_integrations(self) -> dict[str, Integration]:
+        """The integrations of [integrations.NAME], plugged into the built model."""
+        train = self.config.train
+        run = RunContext(self.mesh, self.model, len(self.model.switchable_layers()), train.steps,
+                         train.seed)  # fmt: skip
+        try:
+            return plug_in(self.config.integrations, run)
+        except (IntegrationError, ValueError) as error:
+            raise RunError(str(error)) from None
+
+    def _engine(self, hooks, optimizer_wrapper) -> Engine:
+        """The engine, with the caller's and the integrations' hooks and optimizer wrapper (one
+        wrapper at most: it alone decides which layers train)."""
+        wrappers = {name: i.optimizer_wrapper for name, i in self.integrations.items()
+                    if i.optimizer_wrapper is not None}  # fmt: skip
+        if optimizer_wrapper is not None:
+            wrappers["the Trainer's optimizer_wrapper"] = optimizer_wrapper
+        if len(wrappers) > 1:
+            raise RunError(
+                f"{' and '.join(wrappers)} both choose the trainable layers: turn one of them off"
+            )
+        every_hook = [*hooks] + [h for i in self.integrations.values() for h in i.hooks]
+        config = self.config
+        return Engine(
+            self.model, self.mesh, self.planner, config.optim, total_steps=config.train.steps,
+            hooks=every_hook, optimizer_wrapper=next(iter(wrappers.values()), None),
+            measure_memory=config.train.measure_memory,
+        )  # fmt: skip
+
+    def _checkpointer(self) -> Checkpointer | None:
+        """The checkpointer over every stateful part, when the run saves or resumes."""
+        train = self.config.train
+        if not (train.save or train.resume):
+            return None
+        mesh, engine = self.mesh, self.engine
+        whole = device_mesh_of(mesh)
+        parts = {
+            "model": ModelState(self.model, mesh, whole),
+            "optim": OptimizerState(self.model, mesh, whole, engine.optimizers),
+            "train": TrainProgress(engine),
+            "data": self.batches,
+        }
+        for name, integration in self.integrations.items():
+            if integration.state is not None:
+                parts[f"integrations.{name}"] = integration.state
+        return Checkpointer(mesh, parts, self._describe())
+
+    def _resume(self, directory: Path | None) -> None:
+        train = self.config.train
+        if directory is not None:
+            try:
+                self.checkpointer.load(directory)
+            except CheckpointError as error:
+                raise RunError(str(error)) from None
+            if self.mesh.rank == 0:
+                self.log(f"resumed from {directory} at step {self.engine.step_index}")
+        elif train.resume and self.mesh.rank == 0:
+            self.log(f"no checkpoint in {train.resume} yet: starting from step 0")
 
     def fullest_micro_batch(self) -> list[int]:
         """The micro-batch of the most tokens (of the longest pieces) micro-batching can form."""
@@ -278,7 +349,7 @@ class Trainer:
                 every = train.save_every
                 if train.save and ((every and self.engine.step_index % every == 0)
                                    or i == steps - 1):  # fmt: skip
-                    saved = self.checkpointer.save(train.save)
+                    saved = self.checkpointer.save(train.save, self.engine.step_index)
                     if rank0:
                         self.log(f"saved {saved}")
                 if record["split"] and rank0 and not warned:

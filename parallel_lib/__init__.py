@@ -13,7 +13,10 @@ from .comm import (
     reduce_scatter_tokens,
 )
 from .groups import CommCounter, CommGroup, count_bytes, new_groups, new_sp_groups
+from .layer_step import LayerWeights, decoder_layer_step
 from .layout import ZigzagLayout, pad_length, zigzag_natural_index
+from .mesh import Mesh, init_mesh, rank0_value
+from .mlp import MLP_MODES, MLP_NAMES, SWIGLU, Mlp, SwiGLU, get_mlp
 from .ops import apply_rotary, split_qkv, swiglu
 from .ring import RingExchange
 from .ring_attention import ring_attention
@@ -27,11 +30,18 @@ __all__ = [
     "CommCounter",
     "CommGroup",
     "LayerShape",
+    "LayerWeights",
+    "MLP_MODES",
+    "Mesh",
+    "MLP_NAMES",
+    "Mlp",
     "MlpWeights",
     "RECOMPUTE_MODES",
     "RingExchange",
     "STRATEGY_NAMES",
+    "SWIGLU",
     "Strategy",
+    "SwiGLU",
     "ZigzagLayout",
     "all_gather_dim0",
     "all_gather_tokens",
@@ -41,12 +51,16 @@ __all__ = [
     "attention_backward",
     "attention_forward",
     "count_bytes",
+    "decoder_layer_step",
     "gather_weight",
+    "get_mlp",
     "get_strategy",
+    "init_mesh",
     "merge_lse",
     "new_groups",
     "new_sp_groups",
     "pad_length",
+    "rank0_value",
     "reduce_scatter_dim0",
     "reduce_scatter_tokens",
     "ring_attention",

@@ -4,7 +4,8 @@ The gathered (T, H) input is needed again for the weight gradient; saving it wou
 activations of the whole sequence, so only the local (T/P, H) input is saved and the backward
 gathers it again (Korthikanti et al. 2022). Inside an activation-checkpointed region
 (`keep_gathered=True`) the gathered input is saved instead: the original forward saves nothing
-there and the recomputation's gather serves the backward.
+there and the recomputation's gather serves the backward. A frozen weight (no gradient) saves
+no input at all: the input gradient needs only the weight.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class _GatherTokensLinear(torch.autograd.Function):
     def forward(ctx, x, weight, group, keep_gathered):
         gathered = all_gather_dim0(x, group)
         ctx.group, ctx.kept = group, keep_gathered
-        ctx.save_for_backward(gathered if keep_gathered else x, weight)
+        # the input serves only the weight gradient: a frozen weight keeps nothing of it
+        kept = (gathered if keep_gathered else x) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(kept, weight)
         return gathered @ weight.t()
 
     @staticmethod

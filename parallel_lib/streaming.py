@@ -45,8 +45,9 @@ class _StreamedLinear(torch.autograd.Function):
                 _block(y, g, P).copy_(x @ weight.t())
 
         circulate(shard, group, visit, tag=_WEIGHT_TAG)
-        ctx.group, ctx.input_major = group, input_major
-        ctx.save_for_backward(x, shard)
+        ctx.group, ctx.input_major, ctx.x_shape = group, input_major, x.shape
+        # x serves only the weight gradient: a frozen weight keeps nothing of it
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, shard)
         return y.to(x.dtype)
 
     @staticmethod
@@ -54,7 +55,8 @@ class _StreamedLinear(torch.autograd.Function):
         x, shard = ctx.saved_tensors
         group, input_major = ctx.group, ctx.input_major
         P, r = group.size, group.rank
-        dx = torch.zeros_like(x, dtype=accumulator_dtype(x.dtype))
+        dtype = dy.dtype  # the input's: y was cast back to it
+        dx = dy.new_zeros(ctx.x_shape, dtype=accumulator_dtype(dtype))
         want_dweight = ctx.needs_input_grad[1]  # frozen weights: stream weights, not gradients
 
         def visit(step: int, weight: Tensor) -> Tensor | None:
@@ -68,9 +70,9 @@ class _StreamedLinear(torch.autograd.Function):
 
         if not want_dweight:
             circulate(shard, group, visit, tag=_WEIGHT_TAG)
-            return dx.to(x.dtype), None, None, None
+            return dx.to(dtype), None, None, None
         dweight = circulate_accumulating(shard, group, visit, tags=(_WEIGHT_TAG, _GRAD_TAG))
-        return dx.to(x.dtype), dweight, None, None
+        return dx.to(dtype), dweight, None, None
 
 
 def streamed_linear(x: Tensor, shard: Tensor, group: CommGroup, *, input_major: bool) -> Tensor:

@@ -4,7 +4,8 @@ The forward all-gathers the shards into the whole weight for one matmul and free
 all-gathers again and reduce-scatters the weight gradient back to shards. Inside an activation-
 checkpointed region (`keep_gathered=True`) the gathered weight is saved instead: the original
 forward saves nothing there and the recomputation's gather is reused by the backward, so a
-recomputed layer still gathers each weight twice per step, not three times.
+recomputed layer still gathers each weight twice per step, not three times. A frozen weight (no
+gradient) saves no input and reduce-scatters nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ class _ZeroLinear(torch.autograd.Function):
     def forward(ctx, x, shard, group, input_major, keep_gathered):
         weight = gather_weight(shard, group)
         ctx.group, ctx.input_major, ctx.kept = group, input_major, keep_gathered
-        ctx.save_for_backward(x, weight if keep_gathered else shard)
+        # x serves only the weight gradient: a frozen weight keeps nothing of it
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
+                              weight if keep_gathered else shard)  # fmt: skip
         return _matmul(x, weight, input_major)
 
     @staticmethod

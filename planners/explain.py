@@ -14,73 +14,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
 
-from cost_models import (
-    CostModel,
-    Hardware,
-    Profile,
-    ProfileError,
-    detect,
-    get_preset,
-    static_memory,
-)
+from cost_models import Profile, ProfileError, detect, get_preset
 
-from .choose import check_method
-from .models import MODEL_PRESETS, ModelSpec, get_model
-from .options import LayerCosts, enumerate_options
-from .planner import Plan, Planner
+from .build import PlanningSetup
+from .method import Method
+from .models import MODEL_PRESETS, get_model
+from .planner import Plan
 from .problem import InfeasibleError
 from .units import format_bytes, parse_bytes
 
-__all__ = ["WhatIf", "main", "baseline_methods"]
+__all__ = ["main", "baseline_methods", "report"]
 
 
-@dataclass
-class WhatIf:
-    """A model on a machine: the shared cost tables and static memory planners are built on."""
-
-    hardware: Hardware
-    model: ModelSpec
-    sp: int
-    dp: int = 1
-    dtype: str = "bfloat16"
-    budget_bytes: int | None = None
-    """Per rank; default the device memory."""
-    profile: Profile | None = None
-    strategies: Sequence[str] | None = None
-    recomputes: Sequence[str] | None = None
-    shard_optimizer: bool = False
-    """ZeRO-1: AdamW state sharded over dp."""
-
-    def __post_init__(self) -> None:
-        if self.sp < 1 or self.dp < 1:
-            raise ValueError(f"sp and dp must be positive, got sp={self.sp}, dp={self.dp}")
-        if self.budget_bytes is None:
-            self.budget_bytes = self.hardware.memory_bytes
-        self.nodes_spanned = -(-self.sp // self.hardware.devices_per_node)
-        options = enumerate_options(self.model, self.sp, self.strategies, self.recomputes)
-        self.costs = LayerCosts(
-            CostModel(self.hardware, self.profile), self.model, self.model.layers, self.sp,
-            options, dtype=self.dtype, vocab=self.model.vocab, nodes_spanned=self.nodes_spanned,
-        )  # fmt: skip
-        self.static = static_memory(
-            self.model, self.model.layers, self.model.vocab, sp=self.sp, dp=self.dp,
-            dtype=self.dtype, shard_optimizer=self.shard_optimizer,
-        )  # fmt: skip
-
-    def planner(self, method: str = "exact", hysteresis: float = 0.0) -> Planner:
-        return Planner(
-            self.costs, self.budget_bytes, static_bytes=self.static.total, method=method,
-            hysteresis=hysteresis,
-        )  # fmt: skip
-
-
-def baseline_methods(options) -> list[str]:
+def baseline_methods(options) -> list[Method]:
     """exact, paradyse, then static:NAME for every strategy among the options."""
     strategies = list(dict.fromkeys(o.strategy for o in options))
-    return ["exact", "paradyse"] + [f"static:{s}" for s in strategies]
+    return [Method("exact"), Method("paradyse")] + [Method("static", s) for s in strategies]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
                        ("--vocab", "vocabulary size")):  # fmt: skip
         p.add_argument(flag, type=int, default=None, help=what)
     p.add_argument("--sp", type=int, default=None, help="switchable group size (default: a node)")
+    p.add_argument(
+        "--devices-per-node", type=int, default=None,
+        help="ranks per node (default: the hardware's); sp groups wider than a node use the "
+             "inter-node link",
+    )  # fmt: skip
     p.add_argument("--dp", type=int, default=1, help="data-parallel copies of the group")
     p.add_argument(
         "--shard-optimizer", action="store_true", help="shard AdamW state over dp (ZeRO-1)"
@@ -128,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _whatif(args) -> tuple[WhatIf, list[int]]:
+def _setup(args) -> tuple[PlanningSetup, list[int]]:
     hardware = get_preset(args.hardware) if args.hardware else detect()
     profile = Profile.load(args.profile) if args.profile else None
     model = get_model(
@@ -143,21 +98,19 @@ def _whatif(args) -> tuple[WhatIf, list[int]]:
         ) from None
     if min(lens) < 1:
         raise ValueError(f"--seq-lens must be positive, got {args.seq_lens}")
-    check_method(args.method)
-    for flag, value in (("--sp", args.sp), ("--dp", args.dp)):
+    for flag, value in (("--sp", args.sp), ("--dp", args.dp),
+                        ("--devices-per-node", args.devices_per_node)):  # fmt: skip
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
     budget = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget else None
     sp = hardware.devices_per_node if args.sp is None else args.sp
     dtype = args.dtype or (profile.machine.get("dtype") if profile else None) or "bfloat16"
-    if profile is not None:
-        profile.check_matches(dtype=dtype)
-    whatif = WhatIf(
-        hardware, model, sp, args.dp, dtype, budget,
-        profile, args.strategies.split(",") if args.strategies else None,
-        [args.recompute] if args.recompute else None, args.shard_optimizer,
+    setup = PlanningSetup(
+        model, hardware, sp, args.dp, dtype, budget, profile, args.shard_optimizer,
+        args.devices_per_node, args.strategies.split(",") if args.strategies else None,
+        [args.recompute] if args.recompute else None,
     )  # fmt: skip
-    return whatif, lens
+    return setup, lens
 
 
 def _row(method: str, plan: Plan | None, reference: Plan | None, error=None) -> str:
@@ -174,39 +127,42 @@ def _row(method: str, plan: Plan | None, reference: Plan | None, error=None) -> 
     )
 
 
-def report(whatif: WhatIf, lens: list[int], method: str, show_options: bool = False) -> int:
+def report(
+    setup: PlanningSetup, lens: list[int], method: Method, show_options: bool = False
+) -> int:
     """Print the report; the exit status (0, or 3 when `method` finds no plan)."""
-    hw, model, static = whatif.hardware, whatif.model, whatif.static
+    hw, model, static = setup.hardware, setup.model, setup.static
     print(
-        f"{hw.name}: {hw.memory_bytes / 1e9:.1f} GB per device; sp={whatif.sp} over "
-        f"{whatif.nodes_spanned} node(s), dp={whatif.dp}, {whatif.dtype}, "
-        f"{'profiled' if whatif.profile else 'datasheet'} rates"
+        f"{hw.name}: {hw.memory_bytes / 1e9:.1f} GB per device; sp={setup.sp} over "
+        f"{setup.nodes_spanned} node(s), dp={setup.dp}, {setup.dtype}, "
+        f"{'profiled' if setup.profile else 'datasheet'} rates"
     )
     print(f"model {model.describe()}")
-    tables = whatif.costs.tables(lens)
+    tables = setup.costs.tables(lens)
     print(
         f"micro-batch: {len(lens)} sequence(s), {sum(lens):,} tokens "
         f"({sum(tables.signature):,} padded), longest {max(lens):,}; LM-head logits "
         f"{format_bytes(tables.head_bytes)}"
     )
     print(
-        f"memory per rank: budget {format_bytes(whatif.budget_bytes)}; static "
-        f"{format_bytes(static.total)} (weights {format_bytes(static.weights)}, gradients "
-        f"{format_bytes(static.gradients)}, optimizer {format_bytes(static.optimizer)})"
+        f"memory per rank: budget {format_bytes(setup.budget)}; static "
+        f"{format_bytes(setup.static_bytes)} (weights {format_bytes(static.weights)}, gradients "
+        f"{format_bytes(static.gradients)}, optimizer {format_bytes(static.optimizer)}, "
+        f"gathered vocabulary {format_bytes(setup.static_bytes - static.total)})"
     )
     if show_options:
         print(f"\n{'option':<20} {'ms/layer':>10} {'saved':>11} {'transient':>11}")
-        for j, option in enumerate(whatif.costs.options):
+        for j, option in enumerate(setup.costs.options):
             print(
                 f"{option.name:<20} {tables.time[0, j] * 1e3:>10.2f} "
                 f"{format_bytes(tables.saved[0, j]):>11} {format_bytes(tables.transient[0, j]):>11}"
             )
-    methods = [method] + [m for m in baseline_methods(whatif.costs.options) if m != method]
-    plans: dict[str, Plan | None] = {}
-    errors: dict[str, InfeasibleError] = {}
+    methods = [method] + [m for m in baseline_methods(setup.costs.options) if m != method]
+    plans: dict[Method, Plan | None] = {}
+    errors: dict[Method, InfeasibleError] = {}
     for m in methods:
         try:
-            plans[m] = whatif.planner(m).plan(lens)
+            plans[m] = setup.planner(m, hysteresis=0.0).plan(lens)
         except InfeasibleError as e:
             plans[m], errors[m] = None, e
     chosen = plans[method]
@@ -217,13 +173,14 @@ def report(whatif: WhatIf, lens: list[int], method: str, show_options: bool = Fa
         print(f"plan ({method}): {chosen}")
         print(
             f"predicted: {chosen.predicted_s:.4f} s forward+backward of the layers, peak "
-            f"{format_bytes(chosen.predicted_peak_bytes)} of {format_bytes(whatif.budget_bytes)}"
+            f"{format_bytes(chosen.predicted_peak_bytes)} ({chosen.predicted_peak_bytes:,} bytes)"
+            f" of {format_bytes(setup.budget)}"
         )
-    reference = plans.get("exact")
+    reference = plans.get(Method("exact"))
     print(f"\n{'method':<18} {'time s':>10} {'x exact':>7} {'peak':>11}  plan")
     for m in methods:
-        print(_row(m, plans[m], reference, errors.get(m)))
-    longest = whatif.planner(method).longest_fitting()
+        print(_row(str(m), plans[m], reference, errors.get(m)))
+    longest = setup.planner(method).longest_fitting()
     print(f"\nlongest single sequence that fits ({method}): {longest:,} tokens")
     return 0 if chosen is not None else 3
 
@@ -232,12 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        whatif, lens = _whatif(args)
-        whatif.planner(args.method)  # a static method names an option that exists
+        method = Method.parse(args.method)
+        setup, lens = _setup(args)
+        setup.planner(method)  # a static method names an option that exists
     except (ValueError, ProfileError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
-    return report(whatif, lens, args.method, args.options)
+    return report(setup, lens, method, args.options)
 
 
 if __name__ == "__main__":

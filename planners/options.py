@@ -109,11 +109,15 @@ class CostTables:
     """Bytes beyond every layer's saved bytes at the layer's worst moment, never less than the
     LM head's logits (one more transient, live while every layer's saved bytes are)."""
     head_bytes: int
+    frozen: frozenset[int] = frozenset()
+    """Layers priced as frozen (no weight gradients)."""
 
 
 class LayerCosts:
-    """Cost tables of `layers` identical decoder layers on one rank of an sp group of P, for
-    the given options, cached (least recently used) by length signature."""
+    """Cost tables of `layers` decoder layers on one rank of an sp group of P, for the given
+    options, cached (least recently used) by length signature and frozen layers. Each layer is
+    priced by its own row: a trainable layer's, or a frozen layer's (no weight-gradient
+    matmuls, no weight-gradient collectives, fewer saved bytes); equal rows are priced once."""
 
     def __init__(
         self,
@@ -134,7 +138,7 @@ class LayerCosts:
         self.options = list(options)
         self.dtype, self.vocab, self.nodes_spanned = dtype, vocab, nodes_spanned
         self.cache_size = cache_size
-        self._cache: OrderedDict[tuple[int, ...], CostTables] = OrderedDict()
+        self._cache: OrderedDict[tuple, CostTables] = OrderedDict()
 
     def signature(self, seq_lens: Sequence[int]) -> tuple[int, ...]:
         """What the costs depend on: the lengths as the layout pads them, in sorted order."""
@@ -142,31 +146,52 @@ class LayerCosts:
             raise ValueError("a micro-batch needs at least one sequence")
         return tuple(sorted(pad_length(int(n), self.P) for n in seq_lens))
 
-    def tables(self, seq_lens: Sequence[int]) -> CostTables:
-        key = self.signature(seq_lens)
-        found = self._cache.get(key)
-        if found is not None:
-            self._cache.move_to_end(key)
-            return found
+    def check_layers(self, indices, what: str = "frozen") -> frozenset[int]:
+        """`indices` as a set of layer indices; ValueError, one line, for one out of range."""
+        chosen = frozenset(int(i) for i in indices)
+        bad = sorted(i for i in chosen if not 0 <= i < self.layers)
+        if bad:
+            raise ValueError(f"{what} layers {bad} outside the model's {self.layers} layers")
+        return chosen
+
+    def _row(self, key: tuple[int, ...], trainable: bool) -> tuple[list, list, list]:
+        """(time, saved, transient) of every option for one layer."""
         row_t, row_m, row_tr = [], [], []
         for option in self.options:
             cost = self.model.layer_cost(
-                self.shape, option.strategy, option.recompute, key, self.P,
-                dtype=self.dtype, inner=option.inner, nodes_spanned=self.nodes_spanned,
+                self.shape, option.strategy, option.recompute, key, self.P, dtype=self.dtype,
+                inner=option.inner, nodes_spanned=self.nodes_spanned, trainable=trainable,
             )  # fmt: skip
             row_t.append(cost.time_s)
             row_m.append(cost.saved_bytes)
             row_tr.append(cost.transient_bytes)
+        return row_t, row_m, row_tr
+
+    def tables(self, seq_lens: Sequence[int], frozen: frozenset[int] = frozenset()) -> CostTables:
+        """The tables of a micro-batch of these lengths with the `frozen` layers frozen."""
+        key = self.signature(seq_lens)
+        frozen = self.check_layers(frozen)
+        found = self._cache.get((key, frozen))
+        if found is not None:
+            self._cache.move_to_end((key, frozen))
+            return found
+        kinds = {i not in frozen for i in range(self.layers)}  # trainable or not
+        rows = {trainable: self._row(key, trainable) for trainable in kinds}
         head = logits_bytes(sum(key), self.vocab, self.P) if self.vocab else 0
-        L = self.layers
+        per_layer = [rows[i not in frozen] for i in range(self.layers)]
+
+        def stack(k: int) -> np.ndarray:
+            return np.array([row[k] for row in per_layer], dtype=np.float64)
+
         tables = CostTables(
             signature=key,
-            time=np.tile(np.array(row_t, dtype=np.float64), (L, 1)),
-            saved=np.tile(np.array(row_m, dtype=np.float64), (L, 1)),
-            transient=np.tile(np.maximum(np.array(row_tr, dtype=np.float64), head), (L, 1)),
+            time=stack(0),
+            saved=stack(1),
+            transient=np.maximum(stack(2), head),
             head_bytes=head,
+            frozen=frozen,
         )
-        self._cache[key] = tables
+        self._cache[(key, frozen)] = tables
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return tables

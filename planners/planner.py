@@ -1,20 +1,21 @@
 """`Planner`: per micro-batch, the plan (an option per layer) with its predicted time and memory.
 
-It enumerates the options the strategies support, prices them with the cost model (cached by
-the batch's length signature), calls `choose()`, and keeps the previous plan while it still fits
-and is within `hysteresis` (5%) of the new best. Everything is a deterministic function of the
+It prices the options with the cost model (cached by the batch's length signature and the
+layers frozen this step), calls `choose()`, and keeps the previous plan while it still fits and
+is within `hysteresis` (5%) of the new best. Everything is a deterministic function of the
 inputs and of the sequence of calls, so every rank of an sp group that plans the same batches
 gets the same plans without communicating.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .choose import check_method, choose, static_columns
+from .choose import choose
+from .method import Method
 from .options import CostTables, LayerCosts, Option
 from .problem import InfeasibleError, saved_sum
 
@@ -35,13 +36,15 @@ class Plan:
     """Forward + backward seconds of the layers on one rank."""
     predicted_peak_bytes: int
     """static + sum of saved bytes + the largest transient (the LM head's logits included)."""
-    method: str
+    method: Method
     signature: tuple[int, ...] = field(repr=False)
     """The batch's sorted padded lengths the plan was made for."""
     kept: bool = False
     """True when hysteresis kept the previous plan over a new best."""
     choice: tuple[int, ...] = field(default=(), repr=False)
     """Per layer, the index of its option among the planner's options."""
+    frozen: frozenset[int] = frozenset()
+    """The layers planned as frozen (no weight gradients)."""
 
     @property
     def strategies(self) -> list[str]:
@@ -65,6 +68,8 @@ class Plan:
 @dataclass
 class _Entry:
     tables: CostTables
+    static: int
+    """The static bytes the entry was planned with."""
     best: tuple[int, ...] | None = None
     error: InfeasibleError | None = None
     decisions: dict = field(default_factory=dict)
@@ -74,9 +79,11 @@ class _Entry:
 class Planner:
     """Plans for `costs.layers` layers within `budget_bytes` per rank.
 
-    static_bytes: weights, gradients and optimizer state per rank (`cost_models.static_memory`),
-    subtracted from the budget. method: "exact", "paradyse" or "static:NAME" (see
-    `planners.METHODS`)."""
+    static_bytes: weights, gradients and optimizer state per rank (`cost_models.static_memory`
+    plus what every micro-batch holds besides its layers), subtracted from the budget.
+    offloadable_bytes: per layer, the part of static_bytes that is its optimizer state, which
+    leaves the device while an optimizer wrapper keeps it elsewhere (`set_step`). method: a
+    `Method` or its string ("exact", "paradyse", "static:NAME"; see `planners.METHODS`)."""
 
     def __init__(
         self,
@@ -84,20 +91,42 @@ class Planner:
         budget_bytes: float,
         *,
         static_bytes: int = 0,
-        method: str = "exact",
+        offloadable_bytes: Sequence[int] = (),
+        method: str | Method = "exact",
         hysteresis: float = HYSTERESIS,
     ) -> None:
-        check_method(method)
+        self.method = Method.parse(method)
         if not hysteresis >= 0:
             raise ValueError(f"hysteresis must be >= 0, got {hysteresis}")
-        self.costs, self.method, self.hysteresis = costs, method, hysteresis
+        self.costs, self.hysteresis = costs, hysteresis
         self.budget_bytes, self.static_bytes = float(budget_bytes), int(static_bytes)
+        self.offloadable_bytes = tuple(int(b) for b in offloadable_bytes) or (0,) * costs.layers
+        if len(self.offloadable_bytes) != costs.layers:
+            raise ValueError(
+                f"offloadable_bytes has {len(self.offloadable_bytes)} entries for "
+                f"{costs.layers} layers"
+            )
         self.labels = [o.name for o in costs.options]
-        if method.startswith("static:"):
-            static_columns(method.removeprefix("static:"), self.labels)
-        self._entries: dict[tuple[int, ...], _Entry] = {}
+        self._columns = self.method.columns(self.labels) if self.method.static else None
+        self._entries: dict[tuple, _Entry] = {}
         self._previous: tuple[int, ...] | None = None
-        self._longest: dict[int, int] = {}  # limit -> longest_fitting(limit)
+        self._longest: dict[tuple, int] = {}  # (limit, step state) -> longest_fitting(limit)
+        self.frozen: frozenset[int] = frozenset()
+        """Layers frozen this step (see `set_step`)."""
+        self.offloaded: frozenset[int] = frozenset()
+        """Layers whose optimizer state is off the device this step."""
+
+    def set_step(self, *, frozen: Iterable[int] = (), offloaded: Iterable[int] = ()) -> None:
+        """The state of the coming step: which layers are frozen (priced without weight
+        gradients) and whose optimizer state is off the device (left out of the static memory).
+        Every rank of an sp group must set the same."""
+        self.frozen = self.costs.check_layers(frozen)
+        self.offloaded = self.costs.check_layers(offloaded, "offloaded")
+
+    @property
+    def step_static_bytes(self) -> int:
+        """The static bytes of this step: less the optimizer state that is off the device."""
+        return self.static_bytes - sum(self.offloadable_bytes[i] for i in self.offloaded)
 
     @property
     def options(self) -> list[Option]:
@@ -107,7 +136,7 @@ class Planner:
     def plan(self, seq_lens: Sequence[int]) -> Plan:
         """The plan for a micro-batch of these (unpadded) lengths; InfeasibleError when none fits,
         naming the leanest plan's memory, the budget and the longest sequence that fits."""
-        entry = self._entry(self.costs.signature(seq_lens), seq_lens)
+        entry = self._entry(seq_lens)
         if entry.error is not None:
             raise entry.error
         plan = entry.decisions.get(self._previous)
@@ -117,37 +146,38 @@ class Planner:
         self._previous = plan.choice
         return plan
 
-    def _entry(self, key, seq_lens) -> _Entry:
+    def _entry(self, seq_lens) -> _Entry:
+        static = self.step_static_bytes
+        key = (self.costs.signature(seq_lens), self.frozen, static)
         entry = self._entries.get(key)
         if entry is not None:
             return entry
-        entry = _Entry(self.costs.tables(seq_lens))
+        entry = _Entry(self.costs.tables(seq_lens, self.frozen), static)
         try:
-            entry.best = self._choose(entry.tables)
+            entry.best = self._choose(entry.tables, static)
         except InfeasibleError as error:
-            leanest = error.leanest_bytes + self.static_bytes
+            leanest = error.leanest_bytes + static
             entry.error = InfeasibleError(
-                leanest, self.budget_bytes, self.longest_fitting(), error.method, self.static_bytes
+                leanest, self.budget_bytes, self.longest_fitting(), error.method, static
             )
         if len(self._entries) >= self.costs.cache_size:
             self._entries.pop(next(iter(self._entries)))
         self._entries[key] = entry
         return entry
 
-    def _choose(self, tables: CostTables) -> tuple[int, ...]:
-        budget = self.budget_bytes - self.static_bytes
-        options = self.labels if self.method.startswith("static:") else None
+    def _choose(self, tables: CostTables, static: int) -> tuple[int, ...]:
+        options = self.labels if self.method.static else None
         return tuple(
-            choose(tables.time, tables.saved, tables.transient, budget, self.method,
-                   options=options)
+            choose(tables.time, tables.saved, tables.transient, self.budget_bytes - static,
+                   self.method, options=options)
         )  # fmt: skip
 
     def _decide(self, entry: _Entry) -> Plan:
-        best = self._make(entry.tables, entry.best)
+        best = self._make(entry, entry.best)
         if self._previous is None or self._previous == entry.best:
             return best
-        previous = self._make(entry.tables, self._previous, kept=True)
-        fits = self._peak(entry.tables, self._previous) <= self.budget_bytes - self.static_bytes
+        previous = self._make(entry, self._previous, kept=True)
+        fits = self._peak(entry.tables, self._previous) <= self.budget_bytes - entry.static
         if fits and previous.predicted_s <= (1 + self.hysteresis) * best.predicted_s:
             return previous
         return best
@@ -158,7 +188,8 @@ class Planner:
         rows, picked = np.arange(len(choice)), list(choice)
         return saved_sum(tables.saved[rows, picked]) + float(tables.transient[rows, picked].max())
 
-    def _make(self, tables: CostTables, choice, kept: bool = False) -> Plan:
+    def _make(self, entry: _Entry, choice, kept: bool = False) -> Plan:
+        tables = entry.tables
         rows = np.arange(len(choice))
         picked = list(choice)
         time = float(tables.time[rows, picked].sum())
@@ -166,22 +197,24 @@ class Planner:
         return Plan(
             options=tuple(self.options[j] for j in choice),
             predicted_s=time,
-            predicted_peak_bytes=int(np.ceil(peak)) + self.static_bytes,  # bytes are whole
+            predicted_peak_bytes=int(np.ceil(peak)) + entry.static,  # bytes are whole
             method=self.method,
             signature=tables.signature,
             kept=kept,
             choice=tuple(choice),
+            frozen=tables.frozen,
         )
 
     # ------------------------------------------------------------------ limits
     def fits(self, seq_lens: Sequence[int]) -> bool:
-        """Whether this planner's method finds a plan for the batch (no hysteresis state moves)."""
-        key = self.costs.signature(seq_lens)
-        entry = self._entries.get(key)
+        """Whether this planner's method finds a plan for the batch in the current step state
+        (no hysteresis state moves)."""
+        static = self.step_static_bytes
+        entry = self._entries.get((self.costs.signature(seq_lens), self.frozen, static))
         if entry is not None:
             return entry.error is None
         try:
-            self._choose(self.costs.tables(seq_lens))
+            self._choose(self.costs.tables(seq_lens, self.frozen), static)
         except InfeasibleError:
             return False
         return True
@@ -190,9 +223,10 @@ class Planner:
         """The longest single sequence (tokens, a multiple of 2P) this method can plan within the
         budget, up to `limit`; 0 if not even the shortest fits. Memory grows with length, so a
         doubling then a bisection over multiples of 2P find it."""
-        if limit not in self._longest:
-            self._longest[limit] = self._search_longest(limit)
-        return self._longest[limit]
+        key = (limit, self.frozen, self.step_static_bytes)
+        if key not in self._longest:
+            self._longest[key] = self._search_longest(limit)
+        return self._longest[key]
 
     def _search_longest(self, limit: int) -> int:
         step = 2 * self.costs.P

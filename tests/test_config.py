@@ -34,6 +34,9 @@ def test_defaults_equal_cpu_tiny_except_the_profile():
     differ = []
     for section in dataclasses.fields(Config):
         ours, theirs = getattr(built_in, section.name), getattr(from_file, section.name)
+        if not dataclasses.is_dataclass(ours):  # [integrations]: none in either
+            assert ours == theirs == {}, (section.name, ours, theirs)
+            continue
         for f in dataclasses.fields(ours):
             a, b = getattr(ours, f.name), getattr(theirs, f.name)
             if (section.name, f.name) == ("parallel", "profile"):

@@ -14,7 +14,7 @@ import pytest
 
 from cost_models import get_preset
 from paradyse import load_config
-from paradyse.planning import build_planner
+from paradyse.planning import run_method, run_setup
 
 from .harness import REPO_ROOT
 from .test_train_cli import TINY_FLAGS
@@ -89,9 +89,7 @@ def test_gpu_configs_fit_their_gpus(name, hardware, dp) -> None:
     sp = config.parallel.sp
     assert config.model.sp_problem(sp) is None
     assert config.data.tokens_per_rank * sp == config.data.max_seq_len
-    planner = build_planner(
-        config.model, sp=sp, dp=dp, dtype=config.train.dtype,
-        shard_optimizer=config.optim.shard_optimizer, hardware=get_preset(hardware),
-    )  # fmt: skip
+    setup = run_setup(config, sp=sp, dp=dp, hardware=get_preset(hardware))
+    planner = setup.planner(run_method(config))
     assert planner.fits([config.data.max_seq_len])
     assert planner.longest_fitting(1 << 21) >= config.data.max_seq_len

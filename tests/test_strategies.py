@@ -119,8 +119,9 @@ def test_stack_of_different_strategies(P: int) -> None:
 
 
 def frozen_case() -> None:
-    """Frozen weights (only the input gradient is wanted) and an input without gradient (only the
-    weight gradients are wanted), for every strategy the group supports."""
+    """Frozen weights (only the input gradient is wanted; bytes sent equal the frozen formulas)
+    and an input without gradient (only the weight gradients are wanted), for every strategy the
+    group supports."""
     mesh = mesh_for()
     case = Case(uneven_lengths(mesh.sp), seed=20 + mesh.sp)
     out, dx, grads = case.reference()
@@ -131,8 +132,15 @@ def frozen_case() -> None:
             what = f"{name} P={mesh.sp} recompute={recompute}"
             frozen = case.layers(mesh, torch.float32)[0].requires_grad_(False)
             x = case.local(batch, case.xs).float().requires_grad_()
-            y = frozen(x, batch, name, recompute)
-            y.backward(case.local(batch, case.dys).float())
+            with count_bytes(mesh.sp_group) as fwd:
+                y = frozen(x, batch, name, recompute)
+            with count_bytes(mesh.sp_group) as bwd:
+                y.backward(case.local(batch, case.dys).float())
+            want_fwd, want_bwd, _, _ = comm_bytes(
+                SHAPE, name, batch.total_tokens, mesh.sp, "float32", recompute, trainable=False
+            )
+            assert fwd.snapshot() == want_fwd, f"{what} frozen: forward {fwd.snapshot()}"
+            assert bwd.snapshot() == want_bwd, f"{what} frozen: backward {bwd.snapshot()}"
             assert_close(y[real], case.local(batch, out)[real], 1e-5, f"{what} frozen output")
             assert_close(x.grad[real], case.local(batch, dx)[real], 1e-5, f"{what} frozen dx")
             layer = case.layers(mesh, torch.float32)[0]

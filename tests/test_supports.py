@@ -207,8 +207,8 @@ def layer_construction_case() -> None:
     shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
     assert shapes["attn_qkv"] == ((2 + 2 * 1) * 8, 32)  # 2 q heads, 1 k and 1 v head per rank
     assert shapes["attn_out"] == (2 * 8, 32)
-    assert shapes["mlp_gate_up"] == (2 * 32, 32)
-    assert shapes["mlp_down"] == (32, 32)
+    assert shapes["mlp.gate_up"] == (2 * 32, 32)
+    assert shapes["mlp.down"] == (32, 32)
     assert shapes["attn_norm.weight"] == (32,) and shapes["mlp_norm.weight"] == (32,)
 
     batch = PackedBatch.pack([[1, 2, 3, 4, 5]], 2, group.rank)

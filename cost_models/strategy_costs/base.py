@@ -112,16 +112,18 @@ class StrategyCost(ABC):
         return  # none by default
 
     def backward_traffic(self, t: Traffic, m: LayerDims) -> None:
-        """Add the backward's collectives to `t`, the weight gradients' (`weight_grad_traffic`)
-        in their place among them; recomputation excluded."""
-        self.weight_grad_traffic(t, m)
+        """Add the backward's collectives to `t`, the weight gradients' (`weight_grad_traffic`,
+        a trainable layer's only) in their place among them; recomputation excluded."""
+        if m.trainable:
+            self.weight_grad_traffic(t, m)
 
     def weight_grad_traffic(self, t: Traffic, m: LayerDims) -> None:
         """Add the collectives only weight gradients need (a frozen layer would skip them)."""
         return  # none by default
 
     def recompute_traffic(self, t: Traffic, m: LayerDims, recompute: str) -> None:
-        """Add what a recompute mode changes in the backward's collectives."""
+        """Add what a recompute mode changes in the backward's collectives (`m.trainable` says
+        whether the weight gradients' collectives, which a recomputation may serve, run)."""
         return  # none by default
 
     # ------------------------------------------------------------------ pricing
@@ -183,6 +185,12 @@ class StrategyCost(ABC):
     ) -> None:
         """With the output gradient live: allocate the input gradient (left live) and the
         weight gradient's buffers; `kept` (what a recomputation kept) is freed by the caller."""
+
+    def output_grad_before_recompute(self, m: LayerDims, o: int) -> int:
+        """Bytes the backward of the layer's last (row-sharded) projection allocates before it
+        reads a saved tensor, so a recomputation runs with them live. Default: none (its first
+        step reads the saved tensors)."""
+        return 0
 
     def kept_operand(self, m: LayerDims, column: bool, i: int, o: int) -> int:
         """Bytes a recomputed linear keeps gathered for its backward beyond its saved input."""

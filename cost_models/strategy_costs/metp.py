@@ -17,6 +17,7 @@ class MetpCost(StrategyCost):
       backward: weights (P-1)·S·b + weight gradients P·S·b
                 + K/V (P-1)·2·Tl·kv_heads·d·b + K/V gradients P·2·Tl·kv_heads·d·a
       recompute selective: backward + (P-1)·S_mlp·b; recompute full: backward + the forward.
+      frozen (no weight gradients): no weight-gradient sums travel.
     Calls: P-1 per streamed linear (P more with its travelling weight-gradient sum), P-1 per head
     group's K/V ring (P more with its K/V-gradient sums).
     """
@@ -48,7 +49,8 @@ class MetpCost(StrategyCost):
     def backward_traffic(self, t, m):
         P, (nbytes, _) = m.P, self._forward(m)
         t.add("p2p", nbytes + P * 2 * m.tl * m.K * m.a, 4 * (P - 1) + P * (2 * P - 1))
-        self.weight_grad_traffic(t, m)
+        if m.trainable:
+            self.weight_grad_traffic(t, m)
 
     def weight_grad_traffic(self, t, m):
         t.add("p2p", m.P * (m.attention_shard + m.mlp_shard) * m.e, 4 * m.P)
@@ -94,13 +96,14 @@ class MetpCost(StrategyCost):
         return out
 
     def replay_linear_backward(self, tape, m, column, i, o, kept):
-        # the input gradient; in flight: the weight shard held and the one being received, this
-        # step's gradient block, the travelling sum sent and the one received (summed in
-        # float32, then cast back)
+        # the input gradient; in flight: the weight shard held and the one being received, and
+        # when the weight trains, this step's gradient block and the travelling sum sent and
+        # received (summed in float32, then cast back)
         e = m.e
         acc = m.tl * i * m.a
         tape.alloc(acc)
-        tape.temp(5 * i * o // m.P * e, m.tl * (i if column else i // m.P) * e)
+        shards = 5 if m.trainable else 2
+        tape.temp(shards * i * o // m.P * e, m.tl * (i if column else i // m.P) * e)
         if m.a != e:
             tape.alloc(m.tl * i * e)
             tape.free(acc)

@@ -17,6 +17,8 @@ class TensorSequenceParallelCost(StrategyCost):
       recompute selective: unchanged (the recomputation's gather of the MLP input is kept for the
       backward); recompute full: reduce-scatter +v (the attention output is recomputed; the MLP's
       output reduce-scatter is not, nothing after it is saved)
+      frozen (no weight gradients): backward all-gather 2v; a recomputation's gathers are then
+      extra (+v selective, +2v full)
     """
 
     name = "tp_sp"
@@ -42,13 +44,17 @@ class TensorSequenceParallelCost(StrategyCost):
 
     def backward_traffic(self, t, m):
         t.add("all_gather", 2 * self._volume(m), 2)  # the row-sharded outputs' gradients
-        self.weight_grad_traffic(t, m)
+        if m.trainable:
+            self.weight_grad_traffic(t, m)
         t.add("reduce_scatter", 2 * self._volume(m), 2)  # the column-sharded inputs' gradients
 
     def weight_grad_traffic(self, t, m):
         t.add("all_gather", 2 * self._volume(m), 2)  # the column-sharded inputs, gathered again
 
     def recompute_traffic(self, t, m, recompute):
+        if not m.trainable and recompute != "none":  # no weight gradient takes over its gathers
+            gathers = 2 if recompute == "full" else 1
+            t.add("all_gather", gathers * self._volume(m), gathers)
         if recompute == "full":  # the attention output's reduce-scatter runs again
             t.add("reduce_scatter", self._volume(m), 1)
 
@@ -64,7 +70,7 @@ class TensorSequenceParallelCost(StrategyCost):
         if column:
             gathered = tape.alloc(m.T * i * e)
             out = tape.alloc(m.T * o // m.P * e)
-            if not keep:
+            if not (keep and m.trainable):  # only the weight gradient reads it again
                 tape.free(gathered)
         else:
             partial = tape.alloc(m.T * o * e)
@@ -75,21 +81,24 @@ class TensorSequenceParallelCost(StrategyCost):
 
     def replay_linear_backward(self, tape, m, column, i, o, kept):
         e = m.e
-        if column:
-            gathered = 0 if kept else tape.alloc(m.T * i * e)
-            weight_grad = tape.alloc(i * o // m.P * e)
+        if column:  # a frozen weight gathers no input again and makes no weight gradient
+            gathered = 0 if kept or not m.trainable else tape.alloc(m.T * i * e)
+            weight_grad = tape.alloc(i * o // m.P * e) if m.trainable else 0
             partial = tape.alloc(m.T * i * e)
             tape.alloc(m.tl * i * e)
             tape.temp(partial if m.rs_copy else 0)
             tape.free(partial, gathered, weight_grad)
         else:
             gathered_grad = tape.alloc(m.T * o * e)
-            weight_grad = tape.alloc(i // m.P * o * e)
+            weight_grad = tape.alloc(i // m.P * o * e) if m.trainable else 0
             tape.alloc(m.T * i // m.P * e)
             tape.free(gathered_grad, weight_grad)
 
+    def output_grad_before_recompute(self, m, o):
+        return m.T * o * m.e  # the reduce-scatter's backward all-gathers it, saving nothing
+
     def kept_operand(self, m, column, i, o):
-        return m.T * i * m.e if column else 0
+        return m.T * i * m.e if column and m.trainable else 0
 
     def replay_last_recomputed(self, tape, m, i, o):
         tape.temp(m.T * o * m.e)  # the partial product, computed before its operands are saved

@@ -23,6 +23,7 @@ class Zero3Cost(StrategyCost):
                 when c > 1)
       recompute selective: unchanged (the recomputation's weight gather replaces the backward's);
       recompute full: backward + the forward's all-to-all and p2p.
+      frozen (no weight gradients): no reduce-scatter.
     """
 
     def matmul(self, m, i, o, column):
@@ -53,7 +54,8 @@ class Zero3Cost(StrategyCost):
 
     def backward_traffic(self, t, m):
         t.add("all_gather", self._weights(m), 4)
-        self.weight_grad_traffic(t, m)
+        if m.trainable:
+            self.weight_grad_traffic(t, m)
         t.add("all_to_all", *self._all_to_all(m))
         ring, calls = self._ring(m)
         if m.c > 1:  # the K/V gradients' float32 sums travel a whole round more
@@ -95,10 +97,12 @@ class Zero3Cost(StrategyCost):
         e = m.e
         weight = 0 if kept else tape.alloc(i * o * e)
         tape.alloc(m.tl * i * e)
-        full_grad = tape.alloc(i * o * e)
-        shard = tape.alloc(i * o // m.P * e)  # the weight gradient's reduce-scattered shard
-        tape.temp(full_grad if m.rs_copy else 0)
-        tape.free(full_grad, shard, weight)
+        if m.trainable:
+            full_grad = tape.alloc(i * o * e)
+            shard = tape.alloc(i * o // m.P * e)  # the weight gradient's reduce-scattered shard
+            tape.temp(full_grad if m.rs_copy else 0)
+            tape.free(full_grad, shard)
+        tape.free(weight)
 
     def kept_operand(self, m, column, i, o):
         return i * o * m.e

@@ -25,11 +25,11 @@ from paradyse import (
     OptimConfig,
     SwitchableDecoderLayer,
     VocabParallelEmbedding,
-    build_planner,
     token_loss_sum,
 )
 from paradyse.data import GlobalBatches, StdlibCorpus, assign_to_dp, micro_batches
 from parallel_lib import zero_linear
+from planners import PlanningSetup
 
 
 class GatedTiedDecoder(nn.Module):
@@ -62,7 +62,7 @@ def train(mesh: paradyse.Mesh, steps: int, tokens_per_step: int = 4096, log=prin
     """Train the model `steps` steps on the default corpus; the per-step losses."""
     config = ModelConfig(hidden=128, heads=4, kv_heads=4, head_dim=32, ffn_hidden=256, layers=3)
     model = GatedTiedDecoder(config, mesh.sp_group).to(mesh.device)
-    planner = build_planner(config, sp=mesh.sp, dp=mesh.dp)  # adaptive, exact, device memory
+    planner = PlanningSetup(config, sp=mesh.sp, dp=mesh.dp).planner()  # exact, device memory
     engine = Engine(model, mesh, planner, OptimConfig(lr=3e-3), total_steps=steps)
     batches = GlobalBatches(StdlibCorpus(), tokens_per_step=tokens_per_step, max_seq_len=1024)
     losses = []

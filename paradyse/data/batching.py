@@ -110,6 +110,7 @@ class GlobalBatches:
         cut_len = self.max_seq_len if max_len is None else max_len
         if not isinstance(cut_len, (int, np.integer)) or not 2 <= cut_len <= self.max_seq_len:
             raise DataError(f"max_len {cut_len!r} must be an integer in [2, {self.max_seq_len}]")
+        cut_len = int(cut_len)  # a numpy integer would reach the JSON state
         count = len(self.source)
         p = self._position
         epoch, index, start, piece, cut = p.epoch, p.index, p.start, p.piece, p.cut
@@ -130,7 +131,7 @@ class GlobalBatches:
                             "choose another data source"
                         )
                     continue
-                next_start, next_piece, next_cut = 0, 0, int(cut_len)
+                next_start, next_piece, next_cut = 0, 0, cut_len
             else:
                 next_start, next_piece, next_cut = start, piece, cut
                 rest = n - start

@@ -8,7 +8,9 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from ..groups import CommGroup
-from ..shape import AttentionWeights, LayerShape, MlpWeights
+from ..layout import ZigzagLayout
+from ..mlp import SWIGLU, Mlp
+from ..shape import AttentionWeights, LayerShape
 
 __all__ = ["Strategy", "RECOMPUTE_MODES"]
 
@@ -21,13 +23,16 @@ class Strategy(ABC):
     """A way to run one decoder layer's attention and MLP on a group of P ranks.
 
     Every strategy reads x as this rank's (T/P, H) tokens in the zigzag layout and the weights as
-    its 1/P shards (`AttentionWeights`, `MlpWeights`), and returns (T/P, H) in the same layout, so
-    consecutive layers may use different strategies without moving any tensor.
+    its 1/P shards (`AttentionWeights`, an MLP's weights), and returns (T/P, H) in the same
+    layout, so consecutive layers may use different strategies without moving any tensor. The
+    MLP half is the MLP kind's own implementation of the strategy's `mlp_mode` (`parallel_lib.mlp`).
     """
 
     name: ClassVar[str]
     holds_whole_weights: ClassVar[bool]
     holds_whole_sequences: ClassVar[bool]
+    mlp_mode: ClassVar[str]
+    """How the MLP half runs: one of `parallel_lib.mlp.MLP_MODES`."""
 
     def __init__(self, attn_backend: str = "auto") -> None:
         self.attn_backend = attn_backend
@@ -51,20 +56,27 @@ class Strategy(ABC):
         self,
         x: Tensor,
         weights: AttentionWeights,
-        batch: Any,
+        layout: ZigzagLayout,
         group: CommGroup,
         *,
         recomputed: bool = False,
     ) -> Tensor:
         """Self-attention of the normalised local tokens: QKV projection, RoPE, causal varlen
-        attention, output projection. `batch.layout` is the micro-batch's `ZigzagLayout`.
-        `recomputed` is True inside an activation-checkpointed region."""
+        attention, output projection, over the micro-batch's `layout`. `recomputed` is True
+        inside an activation-checkpointed region."""
 
-    @abstractmethod
     def mlp(
-        self, x: Tensor, weights: MlpWeights, group: CommGroup, *, recomputed: bool = False
+        self,
+        x: Tensor,
+        weights: Any,
+        group: CommGroup,
+        *,
+        recomputed: bool = False,
+        kind: Mlp = SWIGLU,
     ) -> Tensor:
-        """SwiGLU MLP of the normalised local tokens."""
+        """The MLP of the normalised local tokens: `kind`'s implementation of this strategy's
+        `mlp_mode` (the dense SwiGLU by default, on `MlpWeights`)."""
+        return kind(x, weights, group, self.mlp_mode, recomputed=recomputed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

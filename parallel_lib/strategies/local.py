@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..ops import swiglu
 from ..shape import LayerShape
 from .base import Strategy
 from .common import attend_gathered
@@ -15,6 +14,7 @@ class LocalStrategy(Strategy):
     name = "local"
     holds_whole_weights = True
     holds_whole_sequences = True
+    mlp_mode = "local"
 
     def supports(self, shape: LayerShape, P: int) -> tuple[bool, str]:
         if P != 1:
@@ -24,10 +24,7 @@ class LocalStrategy(Strategy):
             )
         return super().supports(shape, P)
 
-    def attention(self, x, weights, batch, group, *, recomputed=False):
+    def attention(self, x, weights, layout, group, *, recomputed=False):
         y = x @ weights.qkv.t()  # (T, H) -> (T, qkv_rows)
-        o = attend_gathered(y, batch.layout, weights.shape, 1, [0], 1, None, self.attn_backend)
+        o = attend_gathered(y, layout, weights.shape, 1, [0], 1, None, self.attn_backend)
         return o @ weights.out  # (T, heads*d) -> (T, H)
-
-    def mlp(self, x, weights, group, *, recomputed=False):
-        return swiglu(x @ weights.gate_up.t(), 1) @ weights.down

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import apply_rotary, split_qkv, swiglu
+from ..ops import apply_rotary, split_qkv
 from ..ring_attention import ring_attention
 from ..streaming import streamed_linear
 from .base import Strategy
@@ -29,9 +29,10 @@ class MemoryEfficientTP(Strategy):
     name = "metp"
     holds_whole_weights = False
     holds_whole_sequences = False
+    mlp_mode = "streamed"
 
-    def attention(self, x, weights, batch, group, *, recomputed=False):
-        layout, shape, P = batch.layout, weights.shape, group.size
+    def attention(self, x, weights, layout, group, *, recomputed=False):
+        shape, P = weights.shape, group.size
         y = streamed_linear(x, weights.qkv, group, input_major=False)  # (T/P, P*qkv_rows)
         q, k, v = split_qkv(y, P, shape, P)  # (T/P, heads | kv_heads, d), rank-major heads
         q = apply_rotary(q, layout.positions, shape.rope_theta)
@@ -47,8 +48,3 @@ class MemoryEfficientTP(Strategy):
             )
         o = torch.cat(outputs, dim=1).flatten(1)  # (T/P, heads*d)
         return streamed_linear(o, weights.out, group, input_major=True)
-
-    def mlp(self, x, weights, group, *, recomputed=False):
-        P = group.size
-        y = streamed_linear(x, weights.gate_up, group, input_major=False)  # (T/P, 2F)
-        return streamed_linear(swiglu(y, P), weights.down, group, input_major=True)

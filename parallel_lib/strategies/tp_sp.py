@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..comm import reduce_scatter_tokens
-from ..ops import swiglu
 from ..sequence_parallel import gather_tokens_linear
 from .base import Strategy
 from .common import attend_gathered
@@ -27,15 +26,11 @@ class TensorSequenceParallel(Strategy):
     name = "tp_sp"
     holds_whole_weights = False
     holds_whole_sequences = True
+    mlp_mode = "tensor_parallel"
 
-    def attention(self, x, weights, batch, group, *, recomputed=False):
-        layout, shape, P = batch.layout, weights.shape, group.size
+    def attention(self, x, weights, layout, group, *, recomputed=False):
+        shape, P = weights.shape, group.size
         # (T/P, H) -> (T, qkv_rows): this rank's heads for every token, gathered order
         y = gather_tokens_linear(x, weights.qkv, group, keep_gathered=recomputed)
         o = attend_gathered(y, layout, shape, P, range(P), 1, None, self.attn_backend)
         return reduce_scatter_tokens(o @ weights.out, group)  # (T, H) partial -> (T/P, H)
-
-    def mlp(self, x, weights, group, *, recomputed=False):
-        y = gather_tokens_linear(x, weights.gate_up, group, keep_gathered=recomputed)
-        h = swiglu(y, 1)  # (T, 2F/P) -> (T, F/P)
-        return reduce_scatter_tokens(h @ weights.down, group)  # (T, H) partial -> (T/P, H)

@@ -12,7 +12,6 @@ from abc import abstractmethod
 
 from ..comm import all_to_all
 from ..groups import CommGroup
-from ..ops import swiglu
 from ..zero import zero_linear
 from .base import Strategy
 from .common import attend_gathered
@@ -22,13 +21,14 @@ class Zero3Strategy(Strategy):
     """Shared implementation; subclasses choose the factorisation and document their volumes."""
 
     holds_whole_weights = True
+    mlp_mode = "zero3"
 
     @abstractmethod
     def inner_degree(self, P: int) -> int:
         """u, the all-to-all degree; the ring runs over c = P / u."""
 
-    def attention(self, x, weights, batch, group: CommGroup, *, recomputed=False):
-        layout, shape, P = batch.layout, weights.shape, group.size
+    def attention(self, x, weights, layout, group: CommGroup, *, recomputed=False):
+        shape, P = weights.shape, group.size
         u = self.inner_degree(P)
         inner, outer = group.factor(u)
         y = zero_linear(x, weights.qkv, group, input_major=False, keep_gathered=recomputed)
@@ -39,12 +39,6 @@ class Zero3Strategy(Strategy):
         o = attend_gathered(y, layout, shape, P, members, P // u, outer, self.attn_backend)
         o = all_to_all(o, inner, scatter_dim=0, gather_dim=1)  # -> (T/P, heads*d)
         return zero_linear(o, weights.out, group, input_major=True, keep_gathered=recomputed)
-
-    def mlp(self, x, weights, group, *, recomputed=False):
-        P = group.size
-        y = zero_linear(x, weights.gate_up, group, input_major=False, keep_gathered=recomputed)
-        h = swiglu(y, P)  # (T/P, 2F) -> (T/P, F), rank-major columns
-        return zero_linear(h, weights.down, group, input_major=True, keep_gathered=recomputed)
 
 
 _VOLUME_DOC = """

@@ -1,4 +1,8 @@
-"""The device mesh: world = dp x sp, built once from the torchrun environment."""
+"""The device mesh: world = dp x sp, built once from the torchrun environment.
+
+It lives with the communication code so that measuring tools (the cost-model profiler and
+validator) run on the same groups and host-memory settings as training; `paradyse.Mesh` and
+`paradyse.init_mesh` are these."""
 
 from __future__ import annotations
 
@@ -10,9 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from parallel_lib import CommGroup, new_groups, new_sp_groups
-
-from .memory import keep_freed_host_memory
+from .groups import CommGroup, new_groups, new_sp_groups
+from .host_memory import keep_freed_host_memory
 
 __all__ = ["Mesh", "init_mesh", "rank0_value"]
 
@@ -85,7 +88,7 @@ def init_mesh(sp: int | None = None, *, backend: str | None = None) -> Mesh:
     initialised by the caller is used as it is. A plain process without torchrun is a world of
     one, on cuda:0 where CUDA is present. The device follows the backend: nccl -> cuda:LOCAL_RANK
     (made current), gloo -> cpu; on cpu, malloc keeps freed memory for reuse
-    (`paradyse.memory.keep_freed_host_memory`)."""
+    (`parallel_lib.host_memory.keep_freed_host_memory`)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")

@@ -1,0 +1,131 @@
+"""One decoder layer's step as a plain function over a layout: RMSNorm -> attention strategy ->
+residual, RMSNorm -> MLP -> residual, with the recompute mode's activation checkpointing.
+
+`paradyse.SwitchableDecoderLayer` wraps it around its parameters; the cost-model profiler and
+validator measure through it directly, so what they time is exactly what training runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .groups import CommGroup
+from .layout import ZigzagLayout
+from .mlp import SWIGLU, Mlp
+from .shape import AttentionWeights, LayerShape
+from .strategies import RECOMPUTE_MODES, Strategy
+
+__all__ = ["LayerWeights", "decoder_layer_step"]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """Everything one layer step reads: this rank's attention and MLP shards and the replicated
+    norm weights."""
+
+    attn_norm: Tensor
+    """(H,) RMSNorm weight before attention (replicated over the group)."""
+    attention: AttentionWeights
+    mlp_norm: Tensor
+    """(H,) RMSNorm weight before the MLP (replicated)."""
+    mlp: Any
+    """The MLP kind's weights (`MlpWeights` for the dense SwiGLU)."""
+    norm_eps: float = 1e-5
+    mlp_kind: Mlp = SWIGLU
+    """Which MLP runs the MLP half."""
+
+    @classmethod
+    def random(
+        cls,
+        shape: LayerShape,
+        P: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        trainable: bool = True,
+        mlp_kind: Mlp = SWIGLU,
+    ) -> LayerWeights:
+        """One rank's shards drawn at random, as leaves (requiring grad when `trainable`): what
+        the cost-model profiler and validator measure with (a frozen layer: trainable False)."""
+        g = torch.Generator().manual_seed(seed)
+        kw = {"dtype": dtype, "device": device}
+        H = shape.hidden
+
+        def draw(rows: int) -> Tensor:
+            return (torch.randn(rows, H, generator=g) / math.sqrt(H)).to(**kw)
+
+        weights = cls(
+            attn_norm=torch.ones(H, **kw),
+            attention=AttentionWeights(
+                draw(shape.qkv_rows(P)), draw(shape.heads // P * shape.head_dim), shape
+            ),
+            mlp_norm=torch.ones(H, **kw),
+            mlp=mlp_kind.random_weights(shape, P, g, **kw),
+            mlp_kind=mlp_kind,
+        )
+        for t in weights.tensors():
+            t.requires_grad_(trainable)
+        return weights
+
+    def tensors(self) -> list[Tensor]:
+        """Every weight tensor the step reads (norms, attention, the MLP's)."""
+        mlp = [t for t in self.mlp if isinstance(t, Tensor)]
+        return [self.attn_norm, self.attention.qkv, self.attention.out, self.mlp_norm, *mlp]
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _mlp_half(
+    h: Tensor, w: LayerWeights, group: CommGroup, strategy: Strategy, recomputed: bool
+) -> Tensor:
+    x = _rms_norm(h, w.mlp_norm, w.norm_eps)
+    return strategy.mlp(x, w.mlp, group, recomputed=recomputed, kind=w.mlp_kind)
+
+
+def _layer(
+    x: Tensor,
+    w: LayerWeights,
+    layout: ZigzagLayout,
+    group: CommGroup,
+    strategy: Strategy,
+    recomputed: bool,
+    recompute_mlp: bool,
+) -> Tensor:
+    xn = _rms_norm(x, w.attn_norm, w.norm_eps)
+    h = x + strategy.attention(xn, w.attention, layout, group, recomputed=recomputed)
+    del xn  # a frozen layer's linears keep no input: do not hold it through the MLP
+    if recompute_mlp:
+        return h + checkpoint(_mlp_half, h, w, group, strategy, True, use_reentrant=False)
+    return h + _mlp_half(h, w, group, strategy, recomputed)
+
+
+def decoder_layer_step(
+    x: Tensor,
+    weights: LayerWeights,
+    layout: ZigzagLayout,
+    group: CommGroup,
+    strategy: Strategy,
+    recompute: str = "none",
+) -> Tensor:
+    """x (T/P, H) local tokens in `layout` -> (T/P, H): h = x + attention(norm(x)), then
+    h + mlp(norm(h)), run by `strategy` on `group`.
+
+    recompute: "none"; "selective" (the MLP half is recomputed in backward); "full" (the whole
+    layer is recomputed from x), with torch's non-reentrant checkpointing. The caller checks
+    that the strategy supports the layer's shape on this group (`Strategy.check`)."""
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"unknown recompute mode {recompute!r}; choose from {RECOMPUTE_MODES}")
+    if recompute == "full":
+        return checkpoint(_layer, x, weights, layout, group, strategy, True, False,
+                          use_reentrant=False)  # fmt: skip
+    return _layer(x, weights, layout, group, strategy, False, recompute == "selective")

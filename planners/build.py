@@ -1,0 +1,120 @@
+"""The one way to build a planner: for the trainer, `planners.explain` and the benchmarks alike.
+
+A `PlanningSetup` names everything a plan depends on (the model's shape, the machine and its
+profile, the group sizes and nodes, the dtype, the budget, the optimizer's sharding), prices the
+options once, and builds `Planner`s for any method over those shared cost tables. Two callers
+with the same setup get the same plans and predicted peaks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from cost_models import CostModel, Hardware, Profile, detect, static_memory
+from cost_models.counts import dtype_name
+from cost_models.static import vocab_transient_bytes
+
+from .method import Method
+from .options import LayerCosts, Supports, config_supports, enumerate_options
+from .planner import HYSTERESIS, Planner
+
+__all__ = ["PlanningSetup"]
+
+
+@dataclass(frozen=True)
+class PlanningSetup:
+    """A model on a machine: the cost tables, static memory and budget every planner of a run
+    shares. `model` is any object with hidden, heads, kv_heads, head_dim, ffn_hidden, layers and
+    vocab (`paradyse.ModelConfig`, `planners.ModelSpec`)."""
+
+    model: Any
+    hardware: Hardware | None = None
+    """The machine (None: `cost_models.detect()`, this one)."""
+    sp: int = 1
+    dp: int = 1
+    dtype: str = "float32"
+    budget_bytes: float | None = None
+    """Per rank; None: the device's memory."""
+    profile: Profile | None = None
+    """Measured rates (`cost_models.profile`); None: the hardware's datasheet rates."""
+    shard_optimizer: bool = False
+    """ZeRO-1: AdamW state sharded over dp."""
+    devices_per_node: int | None = None
+    """Ranks per node (torchrun's LOCAL_WORLD_SIZE); None: the hardware's devices per node."""
+    strategies: Sequence[str] | None = None
+    """The strategies to consider (None: all)."""
+    recomputes: Sequence[str] | None = None
+    """The recompute modes to consider (None: all)."""
+    supports: Supports = field(default=config_supports, repr=False)
+    """Which options can run (the cost model's check; the trainer passes parallel_lib's)."""
+
+    def __post_init__(self) -> None:
+        if self.hardware is None:
+            object.__setattr__(self, "hardware", detect())
+        for name in ("sp", "dp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        if self.budget_bytes is not None and not self.budget_bytes > 0:
+            raise ValueError(f"the memory budget must be positive, got {self.budget_bytes}")
+        if self.profile is not None:
+            self.profile.check_matches(dtype=self.dtype)
+
+    @property
+    def budget(self) -> float:
+        """The per-rank budget in bytes."""
+        if self.budget_bytes is None:
+            return float(self.hardware.memory_bytes)
+        return float(self.budget_bytes)
+
+    @property
+    def nodes_spanned(self) -> int:
+        """Nodes one sp group spans (its collectives use the inter-node link when above 1)."""
+        per_node = self.devices_per_node or self.hardware.devices_per_node
+        return -(-self.sp // max(1, per_node))
+
+    @property
+    def shape(self):
+        """The layer shape: the model's `shape` (a `paradyse.ModelConfig`'s LayerShape), or the
+        model itself (a `ModelSpec` has the shape fields)."""
+        return getattr(self.model, "shape", self.model)
+
+    @cached_property
+    def costs(self) -> LayerCosts:
+        """The options the setup allows, priced per micro-batch (cached)."""
+        options = enumerate_options(
+            self.shape, self.sp, self.strategies, self.recomputes, supports=self.supports
+        )
+        return LayerCosts(
+            CostModel(self.hardware, self.profile), self.shape, self.model.layers, self.sp,
+            options, dtype=self.dtype, vocab=self.model.vocab, nodes_spanned=self.nodes_spanned,
+        )  # fmt: skip
+
+    @cached_property
+    def static(self):
+        """Weights, gradients and optimizer state per rank (`cost_models.StaticMemory`)."""
+        m = self.model
+        return static_memory(
+            m, m.layers, m.vocab, sp=self.sp, dp=self.dp, dtype=self.dtype,
+            shard_optimizer=self.shard_optimizer,
+        )  # fmt: skip
+
+    @property
+    def static_bytes(self) -> int:
+        """What a micro-batch's plan must fit beside: the static memory and the vocabulary
+        weight and gradient the embedding and head gather."""
+        m = self.model
+        return self.static.total + vocab_transient_bytes(m.vocab, m.hidden, self.dtype)
+
+    def planner(self, method: str | Method = "exact", hysteresis: float = HYSTERESIS) -> Planner:
+        """A planner of `method` over the shared cost tables (ValueError, one line, for a static
+        method naming no option of the setup)."""
+        return Planner(
+            self.costs, self.budget, static_bytes=self.static_bytes,
+            offloadable_bytes=[self.static.layer_moments] * self.model.layers,
+            method=method, hysteresis=hysteresis,
+        )  # fmt: skip
