@@ -125,15 +125,16 @@ class Replay:
         reordered = m.reordered
         rotated = t.alloc(q + kv)
         t.temp(q)  # RoPE's products
+        # the projection output y is a local of the strategy's attention: it lives until the out
+        # projection has run (`attention_block` frees it) unless autograd keeps it (V a view)
         if reordered:
             self.keep(q + 2 * kv)
-            t.free(rotated, y)
+            t.free(rotated)
             kept = tables + q + 2 * kv
-        elif m.qkv_copied:  # V copied out of the projection output, which dies
+        elif m.qkv_copied:  # V copied out of the projection output
             self.keep(kv)
             if not self.saving:
                 self.pending.append(rotated)
-            t.free(y)
             kept = tables + rotated + kv
         else:
             if not self.saving:
@@ -155,6 +156,7 @@ class Replay:
                 out = t.alloc(m.tl * m.Q * e)
         else:
             out = t.alloc(q)
+        self.attn_local = y if reordered or m.qkv_copied else 0
         self.attn_kept = kept + lse + (q if reordered else 0)
         self.output_shared = not reordered  # the out projection saved the attention output
         self.done()
@@ -228,6 +230,7 @@ class Replay:
         y = self.linear_forward("qkv", m.H, m.Q + 2 * m.K, keep, consumed=xn)
         o = self.attention_forward(y)
         out = self.linear_forward("out", m.Q, m.H, keep, consumed=o)
+        t.free(self.attn_local)  # the projection output, a local of the attention
         self.release(xn, 0 if self.output_shared else o)  # the attention's locals
         t.alloc(self.unit)  # h
         t.free(out)
