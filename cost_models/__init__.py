@@ -1,8 +1,8 @@
 """Hybrid time and memory cost models (DESIGN 6): analytic counts with profiled coefficients.
 
 Pure Python: imports nothing of this project's and no torch. The two measuring entry points,
-`python -m cost_models.profile` and `python -m cost_models.validate`, import torch, parallel_lib
-and paradyse when they run; nothing here imports them.
+`python -m cost_models.profile` and `python -m cost_models.validate`, import torch and
+parallel_lib (they run `parallel_lib.decoder_layer_step`); nothing here imports them.
 """
 
 from .counts import (

@@ -1,7 +1,7 @@
 """Analytic counts for one decoder layer on one rank: FLOPs, matmul and attention kernel calls,
 bytes and messages of every collective kind (DESIGN 6).
 
-The layer is the one `paradyse.SwitchableDecoderLayer` runs: RMSNorm, fused QKV projection, RoPE,
+The layer is the one `parallel_lib.decoder_layer_step` runs: RMSNorm, fused QKV projection, RoPE,
 causal GQA attention, output projection, RMSNorm, SwiGLU MLP. `shape` is any object with `hidden`,
 `heads`, `kv_heads`, `head_dim` and `ffn_hidden` (such as `parallel_lib.LayerShape`). Pure Python.
 """

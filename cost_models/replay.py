@@ -1,7 +1,7 @@
 """A replay of the tensors one layer allocates and frees on one rank, forward then backward (with
-any recomputation), following each strategy's implementation in `parallel_lib` and
-`paradyse.layer`: its peaks are the layer's peak memory. Everything that scales with tokens or
-weights is replayed; temporaries of a few token-wide vectors are ignored. Pure Python."""
+any recomputation), following `parallel_lib.layer_step` and each strategy's implementation: its
+peaks are the layer's peak memory. Everything that scales with tokens or weights is replayed;
+temporaries of a few token-wide vectors are ignored. Pure Python."""
 
 from __future__ import annotations
 
@@ -55,18 +55,22 @@ class Replay:
             self.pending.clear()
 
     # -------------------------------------------------------------- linears
-    def linear_forward(self, op: str, i: int, o: int, keep: bool, consumed: float) -> float:
+    def linear_forward(self, op: str, i: int, o: int, keep: bool) -> float:
         """Allocates the output; temporaries come and go; returns the output's bytes.
-        op: qkv, out, gate_up, down; i, o: whole-weight in/out features."""
+        op: qkv, out, gate_up, down; i, o: whole-weight in/out features. Its input is a local
+        of the function that calls it (see `release`)."""
         m = self.m
         out = m.cost.replay_linear_forward(self.tape, m, op in COLUMN_SHARDED, i, o, keep)
-        self.done(consumed)
+        self.done()
         return out
 
-    def release(self, *inputs: float) -> None:
-        """A frozen layer's linears keep no input (only the weight gradient reads it): each dies
-        when the function holding it returns."""
-        if self.saving and not self.m.trainable:
+    def release(self, *inputs: float, shared: float = 0) -> None:
+        """When the function holding them returns: the linears' inputs die where nothing keeps
+        them for the backward, inside a checkpoint or in a frozen layer (only the weight
+        gradient reads them). `shared` is kept by another op too (the attention output)."""
+        if not self.saving:
+            self.tape.free(*inputs, shared)
+        elif not self.m.trainable:
             self.tape.free(*inputs)
 
     def kept_operand(self, op: str, i: int, o: int) -> int:
@@ -227,11 +231,14 @@ class Replay:
         """x -> h = x + attention(norm(x)); h stays live."""
         m, t = self.m, self.tape
         xn = self.norm_forward()
-        y = self.linear_forward("qkv", m.H, m.Q + 2 * m.K, keep, consumed=xn)
+        y = self.linear_forward("qkv", m.H, m.Q + 2 * m.K, keep)
         o = self.attention_forward(y)
-        out = self.linear_forward("out", m.Q, m.H, keep, consumed=o)
+        out = self.linear_forward("out", m.Q, m.H, keep)
         t.free(self.attn_local)  # the projection output, a local of the attention
-        self.release(xn, 0 if self.output_shared else o)  # the attention's locals
+        if self.output_shared:  # the attention's locals
+            self.release(xn, shared=o)
+        else:
+            self.release(xn, o)
         t.alloc(self.unit)  # h
         t.free(out)
 
@@ -240,7 +247,7 @@ class Replay:
         projection has saved its operands: its output is dropped, nothing after it runs."""
         m, t = self.m, self.tape
         hn = self.norm_forward()
-        y = self.linear_forward("gate_up", m.H, 2 * m.F, keep, consumed=hn)
+        y = self.linear_forward("gate_up", m.H, 2 * m.F, keep)
         self.keep(m.tl * m.F * m.e)  # silu(gate)
         prod = t.alloc(m.tl * m.F * m.e)  # silu(gate) * up
         self.done()  # the gate/up output lives on (a local variable) until the MLP returns
@@ -248,7 +255,7 @@ class Replay:
             m.cost.replay_last_recomputed(t, m, m.F, m.H)
             self.release(hn, prod)
             return
-        out = self.linear_forward("down", m.F, m.H, keep, consumed=prod)
+        out = self.linear_forward("down", m.F, m.H, keep)
         self.release(hn, prod)  # the MLP's locals
         self.done(consumed=y)
         t.alloc(self.unit)

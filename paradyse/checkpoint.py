@@ -124,7 +124,13 @@ class Checkpointer:
             }
             if f"{name}/json" in state:
                 values.update(json.loads(bytes(state[f"{name}/json"].tolist()).rstrip(b"\0")))
-            part.load_state_dict(values)
+            try:
+                part.load_state_dict(values)
+            except (KeyError, ValueError, TypeError) as error:  # DataError is a ValueError
+                raise CheckpointError(
+                    f"the checkpoint's {name} state cannot be restored ({type(error).__name__}: "
+                    f"{error}); resume with the config it was written with"
+                ) from None
 
     def save(self, root: str | Path, step: int) -> Path:
         """Write `root/step-N` atomically and point `root/latest` at it."""
@@ -234,11 +240,11 @@ def verify(directory: Path, describe: dict[str, Any]) -> dict:
             f"checkpoint {directory} is of another model shape (model.{', model.'.join(changed)} "
             "differ): resume with the config it was written with"
         )
-    saved, wanted = manifest.get("integrations", []), describe.get("integrations", [])
+    saved, wanted = manifest.get("integrations", {}), describe.get("integrations", {})
     if saved != wanted:
         raise CheckpointError(
-            f"checkpoint {directory} was written with integrations {saved or 'none'}, this run "
-            f"has {wanted or 'none'}: resume with the [integrations] it was written with"
+            f"checkpoint {directory} was written with [integrations] {saved or 'none'}, this run "
+            f"has {wanted or 'none'}: resume with the integrations and options it was written with"
         )
     return manifest
 

@@ -123,11 +123,13 @@ class ModelState(_WholeTensors):
 
 
 class OptimizerState(_WholeTensors):
-    """AdamW's moments, laid out like their parameters, and every unit's step count (units
-    frozen in some steps have taken fewer)."""
+    """AdamW's moments, laid out like their parameters; every unit's step count (units frozen in
+    some steps have taken fewer) and where its moments were kept (an optimizer wrapper's
+    offload), so a resumed run holds them where the uninterrupted one did."""
 
     def __init__(self, model: nn.Module, mesh: Mesh, device_mesh, optimizers) -> None:
         super().__init__(model, mesh, device_mesh)
+        self.mesh = mesh
         self.optimizers: list[UnitOptimizer] = list(optimizers)
 
     def _flats(self) -> tuple[list[tuple[UnitOptimizer, str, Tensor]], dict[str, Tensor]]:
@@ -139,9 +141,10 @@ class OptimizerState(_WholeTensors):
             for which in MOMENTS:
                 flat = torch.zeros(unit.data.numel(), dtype=torch.float32, device=unit.data.device)
                 if opt.optimizer is not None:
-                    _ensure_state(opt)
                     for param, piece in zip(opt.optim_params, opt.pieces, strict=True):
-                        flat[piece.start : piece.stop] = opt.optimizer.state[param][which]
+                        moment = opt.optimizer.state.get(param)  # none yet: the zeros stand
+                        if moment:
+                            flat[piece.start : piece.stop] = moment[which]
                 if opt.sharded:
                     dist.all_reduce(flat, group=opt.dp_group.pg)  # slices are disjoint
                 flats.append((opt, which, flat))
@@ -159,8 +162,11 @@ class OptimizerState(_WholeTensors):
         rows = self.rows()
         _, views = self._flats()
         state = {k: self.wrap(v, rows[k.split("/", 1)[1]]) for k, v in views.items()}
-        state["step"] = torch.tensor([float(self._adam_step(opt)) for opt in self.optimizers],
-                                     dtype=torch.float64)  # fmt: skip
+        steps = [float(self._adam_step(opt)) for opt in self.optimizers]
+        state["step"] = torch.tensor(steps, dtype=torch.float64, device=self.mesh.device)
+        if self.mesh.dp > 1:  # a ZeRO-1 slice of padding only has no optimizer: take the most
+            dist.all_reduce(state["step"], op=dist.ReduceOp.MAX, group=self.mesh.dp_group.pg)
+        state["offloaded"] = [_offload_device(opt) for opt in self.optimizers]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -170,10 +176,17 @@ class OptimizerState(_WholeTensors):
         for opt, which, flat in flats:
             if opt.optimizer is None:
                 continue
+            if steps[id(opt)] == 0:  # never stepped: its state stays to be made by its first
+                opt.optimizer.state.clear()
+                continue
+            _ensure_state(opt)
             for param, piece in zip(opt.optim_params, opt.pieces, strict=True):
                 moment = opt.optimizer.state[param]
                 moment[which].copy_(flat[piece.start : piece.stop])
                 moment["step"].fill_(steps[id(opt)])
+        for opt, device in zip(self.optimizers, state["offloaded"], strict=True):
+            if device:
+                opt.state_to(torch.device(device))
 
     @staticmethod
     def _adam_step(opt: UnitOptimizer) -> int:
@@ -183,6 +196,14 @@ class OptimizerState(_WholeTensors):
                 if state:
                     return int(state["step"])
         return 0
+
+
+def _offload_device(opt: UnitOptimizer) -> str:
+    """Where the unit's moments are kept when that is not with its weights, else ''."""
+    if not opt.state_off_device():
+        return ""
+    moment = next(v for s in opt.optimizer.state.values() for v in s.values() if v.dim() > 0)
+    return str(moment.device)
 
 
 def _ensure_state(opt: UnitOptimizer) -> None:

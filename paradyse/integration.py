@@ -15,7 +15,7 @@ import importlib
 import pkgutil
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -77,8 +77,6 @@ class Integration:
     """Which layers train in a step and where their optimizer state lives."""
     state: Stateful | None = None
     """Saved with every checkpoint and restored on resume."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Anything else the integration wants to expose to the caller (e.g. statistics)."""
 
 
 def available_integrations() -> list[str]:

@@ -28,22 +28,27 @@ from .sharding import mark_sharded
 __all__ = ["SwitchableDecoderLayer", "shard_full_weights", "full_from_shards"]
 
 
+_OWN = ("attn_norm", "attn_qkv", "attn_out", "mlp_norm")
+"""The layer's own shard keys; the others are its MLP module's, as `mlp_NAME`."""
+
+
 def _head_rows(shape: LayerShape, P: int) -> tuple[int, int]:
     """Rows of one rank's query and key (or value) heads: heads/P x d, kv_heads/P x d."""
     return shape.heads // P * shape.head_dim, shape.kv_heads // P * shape.head_dim
 
 
 def shard_full_weights(
-    full: dict[str, Tensor], shape: LayerShape, P: int, rank: int
+    full: dict[str, Tensor], shape: LayerShape, P: int, rank: int, mlp=DenseMLP
 ) -> dict[str, Tensor]:
     """Rank `rank`'s shards (the unified layout) of whole weights in nn.Linear convention.
 
     attn_qkv = [W_q rows of its heads; W_k rows; W_v rows]; attn_out = its input columns of W_o,
-    transposed; mlp_gate_up = [W_gate rows; W_up rows]; mlp_down = its columns of W_down,
-    transposed. Norm weights are replicated. Works for gradients too."""
+    transposed; the MLP module's shards as `mlp_NAME` (the dense one's: mlp_gate_up = [W_gate
+    rows; W_up rows], mlp_down = its columns of W_down, transposed). Norm weights are
+    replicated. Works for gradients too."""
     hq, hk = _head_rows(shape, P)
     q, kv = slice(rank * hq, (rank + 1) * hq), slice(rank * hk, (rank + 1) * hk)
-    mlp = DenseMLP.shards_of(full, shape, P, rank)
+    mlp = mlp.shards_of(full, shape, P, rank)
     return {
         "attn_norm": full["attn_norm"],
         "attn_qkv": torch.cat([full["wq"][q], full["wk"][kv], full["wv"][kv]]),
@@ -53,11 +58,13 @@ def shard_full_weights(
     }
 
 
-def full_from_shards(shards: list[dict[str, Tensor]], shape: LayerShape) -> dict[str, Tensor]:
+def full_from_shards(
+    shards: list[dict[str, Tensor]], shape: LayerShape, mlp=DenseMLP
+) -> dict[str, Tensor]:
     """Inverse of `shard_full_weights`: whole weights from every rank's shards (rank order)."""
     hq, hk = _head_rows(shape, len(shards))
     qkv = [s["attn_qkv"] for s in shards]
-    mlp = [{"gate_up": s["mlp_gate_up"], "down": s["mlp_down"]} for s in shards]
+    mlps = [{k.removeprefix("mlp_"): v for k, v in s.items() if k not in _OWN} for s in shards]
     return {
         "attn_norm": shards[0]["attn_norm"],
         "wq": torch.cat([t[:hq] for t in qkv]),
@@ -65,7 +72,7 @@ def full_from_shards(shards: list[dict[str, Tensor]], shape: LayerShape) -> dict
         "wv": torch.cat([t[hq + hk :] for t in qkv]),
         "wo": torch.cat([s["attn_out"] for s in shards]).t(),
         "mlp_norm": shards[0]["mlp_norm"],
-        **DenseMLP.whole_from(mlp, shape),
+        **mlp.whole_from(mlps, shape),
     }
 
 
@@ -78,7 +85,8 @@ class SwitchableDecoderLayer(nn.Module):
     (`mlp.gate_up`, `mlp.down` for the dense SwiGLU). Norm weights are replicated across the
     group: each rank's gradient covers its own tokens only, so sum them with
     `reduce_replicated_grads` (once per step) before the optimizer. Weights are initialised from
-    `seed` as whole weights and then sharded, so every group size starts from the same layer."""
+    `seed` as whole weights and then sharded, so every group size starts from the same layer.
+    `mlp` is the MLP module's class (`paradyse.mlp`; the dense SwiGLU by default)."""
 
     def __init__(
         self,
@@ -89,6 +97,7 @@ class SwitchableDecoderLayer(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         seed: int = 0,
+        mlp=DenseMLP,
     ) -> None:
         super().__init__()
         problem = shape.layout_problem(group.size)
@@ -102,7 +111,7 @@ class SwitchableDecoderLayer(nn.Module):
         self.attn_qkv = mark_sharded(nn.Parameter(torch.empty(shape.qkv_rows(P), H, **kw)))
         self.attn_out = mark_sharded(nn.Parameter(torch.empty(shape.heads // P * d, H, **kw)))
         self.mlp_norm = nn.RMSNorm(H, eps=norm_eps, **kw)
-        self.mlp = DenseMLP(shape, P, **kw)
+        self.mlp = mlp(shape, P, **kw)
         self._checked: set[tuple[str, int]] = set()
         self.strategy: str | Strategy = "local" if P == 1 else "tp_sp"
         """What forward() runs when the call names no strategy (the engine sets it per plan)."""
@@ -114,7 +123,8 @@ class SwitchableDecoderLayer(nn.Module):
     @torch.no_grad()
     def load_full_weights(self, full: dict[str, Tensor]) -> None:
         """Copy this rank's shards out of whole weights (see `shard_full_weights`)."""
-        shards = shard_full_weights(full, self.shape, self.group.size, self.group.rank)
+        shards = shard_full_weights(full, self.shape, self.group.size, self.group.rank,
+                                    type(self.mlp))  # fmt: skip
         for name, value in self.shard_tensors().items():
             value.copy_(shards[name])
 

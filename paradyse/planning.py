@@ -58,8 +58,9 @@ def run_setup(
         recomputes = [par.recompute] if par.recompute else None
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "") or sp)
     return PlanningSetup(
-        model, hardware, sp, dp, config.train.dtype, par.budget_bytes, profile,
-        config.optim.shard_optimizer, per_node, strategies, recomputes, strategy_supports,
+        model, hardware, sp=sp, dp=dp, dtype=config.train.dtype, budget_bytes=par.budget_bytes,
+        profile=profile, shard_optimizer=config.optim.shard_optimizer, devices_per_node=per_node,
+        strategies=strategies, recomputes=recomputes, supports=strategy_supports,
     )  # fmt: skip
 
 

@@ -122,7 +122,8 @@ class Trainer:
 
     def _describe(self) -> dict:
         """What a checkpoint of this run records and a resume must match."""
-        return {"model": asdict(self.config.model), "integrations": list(self.config.integrations)}
+        integrations = {name: asdict(o) for name, o in self.config.integrations.items()}
+        return {"model": asdict(self.config.model), "integrations": integrations}
 
     def _checkpoint_to_resume(self) -> Path | None:
         """The verified checkpoint --resume names, or None (no --resume, or the first start of

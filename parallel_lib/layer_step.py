@@ -7,7 +7,6 @@ validator measure through it directly, so what they time is exactly what trainin
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from .groups import CommGroup
 from .layout import ZigzagLayout
 from .mlp import SWIGLU, Mlp
-from .shape import AttentionWeights, LayerShape
+from .shape import AttentionWeights, LayerShape, random_shard
 from .strategies import RECOMPUTE_MODES, Strategy
 
 __all__ = ["LayerWeights", "decoder_layer_step"]
@@ -58,15 +57,11 @@ class LayerWeights:
         g = torch.Generator().manual_seed(seed)
         kw = {"dtype": dtype, "device": device}
         H = shape.hidden
-
-        def draw(rows: int) -> Tensor:
-            return (torch.randn(rows, H, generator=g) / math.sqrt(H)).to(**kw)
-
+        qkv = random_shard(shape.qkv_rows(P), H, g, **kw)
+        out = random_shard(shape.heads // P * shape.head_dim, H, g, **kw)
         weights = cls(
             attn_norm=torch.ones(H, **kw),
-            attention=AttentionWeights(
-                draw(shape.qkv_rows(P)), draw(shape.heads // P * shape.head_dim), shape
-            ),
+            attention=AttentionWeights(qkv, out, shape),
             mlp_norm=torch.ones(H, **kw),
             mlp=mlp_kind.random_weights(shape, P, g, **kw),
             mlp_kind=mlp_kind,

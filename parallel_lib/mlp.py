@@ -9,7 +9,6 @@ mixture of experts) is a new `Mlp` subclass; the strategies and the layer step s
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -20,7 +19,7 @@ from .comm import reduce_scatter_tokens
 from .groups import CommGroup
 from .ops import swiglu
 from .sequence_parallel import gather_tokens_linear
-from .shape import LayerShape, MlpWeights
+from .shape import LayerShape, MlpWeights, random_shard
 from .streaming import streamed_linear
 from .zero import zero_linear
 
@@ -78,11 +77,9 @@ class SwiGLU(Mlp):
 
     def random_weights(self, shape, P, generator, **kw) -> MlpWeights:
         f, H = shape.ffn_hidden // P, shape.hidden
-
-        def draw(rows: int) -> Tensor:
-            return (torch.randn(rows, H, generator=generator) / math.sqrt(H)).to(**kw)
-
-        return MlpWeights(draw(2 * f), draw(f), shape)
+        return MlpWeights(
+            random_shard(2 * f, H, generator, **kw), random_shard(f, H, generator, **kw), shape
+        )
 
     def local(self, x, weights: MlpWeights, group, *, recomputed):
         return swiglu(x @ weights.gate_up.t(), 1) @ weights.down

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
-__all__ = ["LayerShape", "AttentionWeights", "MlpWeights"]
+__all__ = ["LayerShape", "AttentionWeights", "MlpWeights", "random_shard"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +93,8 @@ class MlpWeights(NamedTuple):
     gate_up: Tensor
     down: Tensor
     shape: LayerShape
+
+
+def random_shard(rows: int, cols: int, generator: torch.Generator, **kw) -> Tensor:
+    """(rows, cols) drawn at N(0, 1/cols), for measuring (`kw`: dtype, device)."""
+    return (torch.randn(rows, cols, generator=generator) / math.sqrt(cols)).to(**kw)

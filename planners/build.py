@@ -99,7 +99,7 @@ class PlanningSetup:
         """Weights, gradients and optimizer state per rank (`cost_models.StaticMemory`)."""
         m = self.model
         return static_memory(
-            m, m.layers, m.vocab, sp=self.sp, dp=self.dp, dtype=self.dtype,
+            self.shape, m.layers, m.vocab, sp=self.sp, dp=self.dp, dtype=self.dtype,
             shard_optimizer=self.shard_optimizer,
         )  # fmt: skip
 

@@ -106,9 +106,10 @@ def _setup(args) -> tuple[PlanningSetup, list[int]]:
     sp = hardware.devices_per_node if args.sp is None else args.sp
     dtype = args.dtype or (profile.machine.get("dtype") if profile else None) or "bfloat16"
     setup = PlanningSetup(
-        model, hardware, sp, args.dp, dtype, budget, profile, args.shard_optimizer,
-        args.devices_per_node, args.strategies.split(",") if args.strategies else None,
-        [args.recompute] if args.recompute else None,
+        model, hardware, sp=sp, dp=args.dp, dtype=dtype, budget_bytes=budget, profile=profile,
+        shard_optimizer=args.shard_optimizer, devices_per_node=args.devices_per_node,
+        strategies=args.strategies.split(",") if args.strategies else None,
+        recomputes=[args.recompute] if args.recompute else None,
     )  # fmt: skip
     return setup, lens
 

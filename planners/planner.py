@@ -107,7 +107,8 @@ class Planner:
                 f"{costs.layers} layers"
             )
         self.labels = [o.name for o in costs.options]
-        self._columns = self.method.columns(self.labels) if self.method.static else None
+        if self.method.static:
+            self.method.columns(self.labels)  # ValueError, one line, for an option not here
         self._entries: dict[tuple, _Entry] = {}
         self._previous: tuple[int, ...] | None = None
         self._longest: dict[tuple, int] = {}  # (limit, step state) -> longest_fitting(limit)

@@ -1,5 +1,5 @@
 """On CPU, `init_mesh` makes malloc keep freed memory, so a step's activations do not fault their
-pages in again every micro-batch (paradyse.memory.keep_freed_host_memory)."""
+pages in again every micro-batch (parallel_lib.host_memory.keep_freed_host_memory)."""
 
 from __future__ import annotations
 

@@ -96,9 +96,8 @@ class TensorSequenceParallelCost(StrategyCost):
 
     def output_grad_before_recompute(self, m, o):
         # the reduce-scatter's backward all-gathers it before anything saved is read. Counted for
-        # frozen layers only: with it a trainable layer's peak is overstated (validate, H=256:
-        # +8% for full recompute against +5% without), as its backward's weight-gradient
-        # buffers, not the recomputation, make the peak
+        # frozen layers only: a trainable layer's peak comes later, with its weight gradients
+        # (counting it there overstates the peak: docs/cost_models.md)
         return m.T * o * m.e if not m.trainable else 0
 
     def kept_operand(self, m, column, i, o):
