@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from paradyse import ConfigError, LayerHooks, Trainer, is_sharded, load_config
+from paradyse import ConfigError, LayerHooks, OptimizerWrapper, Trainer, is_sharded, load_config
+from paradyse.optim import UnitOptimizer
 from parallel_lib import all_gather_dim0
 
 from .harness import REPO_ROOT, run_distributed
@@ -162,3 +163,36 @@ def test_a_bad_integrations_table_is_one_clear_line(tmp_path) -> None:
     assert run.returncode == 2
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "count 9 exceeds the model's 4 layers" in lines[0], run.stderr
+
+
+class FirstLayerOnly(OptimizerWrapper):
+    def trainable_layers(self, step, layers):
+        return [0]
+
+    def state_device(self, index, trainable):
+        return None if trainable else "cpu"
+
+
+def test_the_engine_tells_the_planner_its_frozen_and_offloaded_layers(monkeypatch) -> None:
+    """Frozen layers are priced as frozen; optimizer state off the device leaves the static
+    memory (on a CPU run nothing is ever off the device, so `state_off_device` is stood in)."""
+    trainer = Trainer(load_config(None, [*TINY, "train.steps=2"]), mesh=mesh_for(1),
+                      optimizer_wrapper=FirstLayerOnly(), log=lambda *_: None)  # fmt: skip
+    planner = trainer.planner
+    trainer.train_step()
+    assert planner.frozen == {1, 2} and planner.offloaded == frozenset()
+    away = {"layer1", "layer2"}
+    monkeypatch.setattr(UnitOptimizer, "state_off_device", lambda opt: opt.unit.name in away)
+    record = trainer.train_step()
+    assert planner.frozen == {1, 2} and planner.offloaded == {1, 2}
+    moments = trainer.setup.static.layer_moments
+    assert planner.step_static_bytes == planner.static_bytes - 2 * moments > 0
+    assert record["layer_grad_norms"][1:] == [None, None] and record["layer_grad_norms"][0] > 0
+    lens = record["micro_batches"][0]["seq_lens"]
+    fresh = trainer.setup.planner(hysteresis=0.0)  # the device's memory: room for any plan
+    fresh.set_step(frozen=[1, 2])
+    kept = fresh.plan(lens)
+    fresh.set_step(frozen=[1, 2], offloaded=[1, 2])
+    away = fresh.plan(lens)
+    assert away.options == kept.options
+    assert kept.predicted_peak_bytes - away.predicted_peak_bytes == 2 * moments
