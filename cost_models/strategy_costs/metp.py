@@ -10,16 +10,10 @@ class MetpCost(StrategyCost):
     projection on the local T/P tokens; attention is ring attention once per head group of
     heads/P heads (u = 1, c = P, P head groups).
 
-    Communication per layer and rank (all point-to-point), with Tl = T/P, b bytes per element,
-    S the rank's weight shard elements (attention (heads+2·kv_heads)·d·H/P + heads·d·H/P, MLP
-    3·F·H/P), S_mlp = 3·F·H/P, a = 4 (float32 K/V-gradient accumulators; 8 for float64):
-      forward:  weights (P-1)·S·b + K/V (P-1)·2·Tl·kv_heads·d·b
-      backward: weights (P-1)·S·b + weight gradients P·S·b
-                + K/V (P-1)·2·Tl·kv_heads·d·b + K/V gradients P·2·Tl·kv_heads·d·a
-      recompute selective: backward + (P-1)·S_mlp·b; recompute full: backward + the forward.
-      frozen (no weight gradients): no weight-gradient sums travel.
-    Calls: P-1 per streamed linear (P more with its travelling weight-gradient sum), P-1 per head
-    group's K/V ring (P more with its K/V-gradient sums).
+    Its communication (all point-to-point) is the formula of
+    `parallel_lib.strategies.metp.MemoryEfficientTP`'s docstring, computed here. Calls: P-1 per
+    streamed linear (P more with its travelling weight-gradient sum), P-1 per head group's K/V
+    ring (P more with its K/V-gradient sums).
     """
 
     name = "metp"

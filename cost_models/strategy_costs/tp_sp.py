@@ -10,15 +10,8 @@ class TensorSequenceParallelCost(StrategyCost):
     all-gathered, the partial outputs of the row-sharded ones reduce-scattered. Attention runs
     heads/P heads over whole sequences, gathered tokens reordered to natural order and back.
 
-    Communication per layer and rank, v = (P-1)·Tl·H·b (Tl = T/P, b bytes per element):
-      forward:  all-gather 2v (attention, MLP inputs), reduce-scatter 2v (their outputs)
-      backward: all-gather 4v (the output gradients; the inputs again, for the weight gradients),
-                reduce-scatter 2v (the input gradients)
-      recompute selective: unchanged (the recomputation's gather of the MLP input is kept for the
-      backward); recompute full: reduce-scatter +v (the attention output is recomputed; the MLP's
-      output reduce-scatter is not, nothing after it is saved)
-      frozen (no weight gradients): backward all-gather 2v; a recomputation's gathers are then
-      extra (+v selective, +2v full)
+    Its communication is the formula of `parallel_lib.strategies.tp_sp.TensorSequenceParallel`'s
+    docstring, computed here.
     """
 
     name = "tp_sp"

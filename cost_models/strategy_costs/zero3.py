@@ -13,17 +13,8 @@ from .base import StrategyCost
 class Zero3Cost(StrategyCost):
     """Shared costs; subclasses choose the factorisation and the phases they have.
 
-    Communication per layer and rank, with Tl = T/P tokens per rank, b bytes per element, a = 4
-    (bytes of the float32 gradient accumulators; 8 for float64), S the rank's weight shard
-    elements (attention (heads+2·kv_heads)·d·H/P + heads·d·H/P, MLP 3·F·H/P):
-      forward:  all-gather (P-1)·S·b; all-to-all (u-1)/u·Tl·(2·heads+2·kv_heads)·d·b;
-                p2p (c-1)·2·Tl·kv_heads·d·b
-      backward: all-gather (P-1)·S·b; reduce-scatter (P-1)·S·b (the weight gradients); the same
-                all-to-all; p2p (c-1)·2·Tl·kv_heads·d·b + c·2·Tl·kv_heads·d·a (the latter only
-                when c > 1)
-      recompute selective: unchanged (the recomputation's weight gather replaces the backward's);
-      recompute full: backward + the forward's all-to-all and p2p.
-      frozen (no weight gradients): no reduce-scatter.
+    Their communication is the formula of `parallel_lib.strategies.zero3`'s `_VOLUME_DOC`
+    (in the docstrings of ulysses, ring and usp), computed here.
     """
 
     def matmul(self, m, i, o, column):

@@ -24,6 +24,7 @@ class MemoryEfficientTP(Strategy):
                 + K/V (P-1)·2·Tl·kv_heads·d·b + K/V gradients P·2·Tl·kv_heads·d·a
                 (P = 1: nothing is sent)
       recompute selective: backward + (P-1)·S_mlp·b; recompute full: backward + the forward.
+      frozen (no weight gradients): no weight-gradient sums travel.
     """
 
     name = "metp"

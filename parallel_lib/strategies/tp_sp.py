@@ -21,6 +21,8 @@ class TensorSequenceParallel(Strategy):
       recompute selective: unchanged (the recomputation's gather of the MLP input is kept for the
       backward); recompute full: reduce-scatter +v (the attention output is recomputed; the MLP's
       output reduce-scatter is not, nothing after it is saved)
+      frozen (no weight gradients): backward all-gather 2v; a recomputation's gathers are then
+      extra (+v selective, +2v full)
     """
 
     name = "tp_sp"

@@ -51,4 +51,5 @@ _VOLUME_DOC = """
                 p2p (c-1)·2·Tl·kv_heads·d·b + c·2·Tl·kv_heads·d·a (the latter only when c > 1)
       recompute selective: unchanged (the recomputation's weight gather replaces the backward's);
       recompute full: backward + the forward's all-to-all and p2p.
+      frozen (no weight gradients): no reduce-scatter.
 """
