@@ -32,13 +32,14 @@ def logical_parts(model: nn.Module, P: int) -> dict[int, list[tuple[str, int, in
     fused shards describe them (`logical_parts(prefix)`, e.g. the switchable layer's Q/K/V rows);
     any other sharded parameter is one Shard(0) piece of P x its rows."""
     out: dict[int, list] = {}
+    described: list[str] = []  # modules that described their parameters, and so their children's
     for name, module in model.named_modules():
         describe = getattr(module, "logical_parts", None)
-        if not callable(describe):
+        if not callable(describe) or any(d == "" or name.startswith(f"{d}.") for d in described):
             continue
+        described.append(name)
         for param_name, parts in describe(f"{name}." if name else "").items():
-            param = module.get_parameter(param_name)
-            out.setdefault(id(param), parts)  # parents come first: a layer covers its MLP
+            out[id(module.get_parameter(param_name))] = parts
     for name, p in model.named_parameters():
         if id(p) not in out:
             rows = p.shape[0] * P if is_sharded(p) and p.dim() > 0 else None

@@ -330,15 +330,15 @@ class Engine:
         the whole world. Shards differ over sp (and over dp with ZeRO-1); replicated parts agree
         over sp. One all-reduce per group for every unit at once."""
         mesh = self.mesh
-        rows = [opt.square_norms() for opt in active] or [(0.0, 0.0)]
-        sums = torch.tensor(rows, dtype=torch.float64, device=mesh.device)
+        rows = [opt.square_norms() for opt in active]
+        sums = torch.tensor(rows, dtype=torch.float64, device=mesh.device).reshape(-1, 2)
         if self.optim_config.shard_optimizer and mesh.dp > 1:
             dist.all_reduce(sums, group=mesh.dp_group.pg)
         if mesh.sp > 1:
             sharded = sums[:, 0].contiguous()
             dist.all_reduce(sharded, group=mesh.sp_group.pg)
             sums[:, 0] = sharded
-        return sums[: len(active)]
+        return sums
 
     def _place_states(self, trainable: list[bool]) -> None:
         for owner, opt, flag in zip(self.unit_layers, self.optimizers, trainable, strict=True):

@@ -147,9 +147,13 @@ class Planner:
         self._previous = plan.choice
         return plan
 
+    def _key(self, seq_lens) -> tuple:
+        """What a plan depends on: the batch's length signature and the step's state."""
+        return self.costs.signature(seq_lens), self.frozen, self.step_static_bytes
+
     def _entry(self, seq_lens) -> _Entry:
-        static = self.step_static_bytes
-        key = (self.costs.signature(seq_lens), self.frozen, static)
+        key = self._key(seq_lens)
+        static = key[2]
         entry = self._entries.get(key)
         if entry is not None:
             return entry
@@ -210,12 +214,12 @@ class Planner:
     def fits(self, seq_lens: Sequence[int]) -> bool:
         """Whether this planner's method finds a plan for the batch in the current step state
         (no hysteresis state moves)."""
-        static = self.step_static_bytes
-        entry = self._entries.get((self.costs.signature(seq_lens), self.frozen, static))
+        key = self._key(seq_lens)
+        entry = self._entries.get(key)
         if entry is not None:
             return entry.error is None
         try:
-            self._choose(self.costs.tables(seq_lens, self.frozen), static)
+            self._choose(self.costs.tables(seq_lens, self.frozen), key[2])
         except InfeasibleError:
             return False
         return True
