@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --prefer-binary -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 test: setup

@@ -4,6 +4,14 @@ from pathlib import Path
 
 from setuptools import setup
 
+HF = [
+    "transformers==4.57.3",
+    "safetensors>=0.4",
+    "tokenizers>=0.21",
+    "gguf>=0.10",
+    "accelerate>=1.0",
+]
+
 setup(
     name="paradyse",
     version="0.1.0",
@@ -22,10 +30,18 @@ setup(
         "cost_models",
         "planners",
         "integrations",
+        "integrations.hf",
     ],
     # torch is pinned by constraints.txt in `make setup`; a bare `torch` here would let pip pull a
     # multi-GB CUDA build on machines where the CPU wheel is the one wanted.
     install_requires=["torch>=2.6", "numpy>=1.24"],
     entry_points={"console_scripts": ["paradyse-train = paradyse.train:main"]},
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"], "gpu": ["nvidia-ml-py"]},
+    extras_require={
+        # Hugging Face models in and out (integrations.hf); transformers pinned to what is tested
+        "hf": HF,
+        # problems with answer checkers for the fine-tuning example (integrations.hf.tasks)
+        "tasks": ["reasoning-gym==0.1.25"],
+        "test": ["pytest>=8", "ruff>=0.6", *HF, "reasoning-gym==0.1.25"],
+        "gpu": ["nvidia-ml-py"],
+    },
 )

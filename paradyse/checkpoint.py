@@ -199,8 +199,9 @@ def checked_checkpoint(path: str | Path, describe: dict[str, Any], mesh) -> Path
 # ---------------------------------------------------------------- files
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """`path` itself when it holds a manifest, else the checkpoint its `latest` names."""
+def find_checkpoint(path: str | Path, flag: str = "--resume") -> Path:
+    """`path` itself when it holds a manifest, else the checkpoint its `latest` names; errors
+    name the path as the `flag` that gave it."""
     path = Path(path)
     if (path / MANIFEST).is_file():
         return path
@@ -211,8 +212,8 @@ def find_checkpoint(path: str | Path) -> Path:
             return target
         raise CheckpointError(f"{latest} names {target.name}, which is not a complete checkpoint")
     if not path.exists():
-        raise CheckpointError(f"--resume {path}: no such directory")
-    raise CheckpointError(f"--resume {path}: not a ParaDySe checkpoint (no {MANIFEST} or latest)")
+        raise CheckpointError(f"{flag} {path}: no such directory")
+    raise CheckpointError(f"{flag} {path}: not a ParaDySe checkpoint (no {MANIFEST} or latest)")
 
 
 def verify(directory: Path, describe: dict[str, Any]) -> dict:

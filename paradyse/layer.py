@@ -85,7 +85,8 @@ class SwitchableDecoderLayer(nn.Module):
     (`mlp.gate_up`, `mlp.down` for the dense SwiGLU). Norm weights are replicated across the
     group: each rank's gradient covers its own tokens only, so sum them with
     `reduce_replicated_grads` (once per step) before the optimizer. Weights are initialised from
-    `seed` as whole weights and then sharded, so every group size starts from the same layer.
+    `seed` as whole weights and then sharded, so every group size starts from the same layer
+    (or left uninitialised with `random_init=False`, for a loader to fill).
     `mlp` is the MLP module's class (`paradyse.mlp`; the dense SwiGLU by default)."""
 
     def __init__(
@@ -98,6 +99,7 @@ class SwitchableDecoderLayer(nn.Module):
         device: torch.device | str | None = None,
         seed: int = 0,
         mlp=DenseMLP,
+        random_init: bool = True,
     ) -> None:
         super().__init__()
         problem = shape.layout_problem(group.size)
@@ -117,7 +119,8 @@ class SwitchableDecoderLayer(nn.Module):
         """What forward() runs when the call names no strategy (the engine sets it per plan)."""
         self.recompute = "none"
         """The recompute mode forward() uses when the call names none."""
-        self.load_full_weights(init_full_weights(shape, torch.Generator().manual_seed(seed)))
+        if random_init:
+            self.load_full_weights(init_full_weights(shape, torch.Generator().manual_seed(seed)))
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()

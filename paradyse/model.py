@@ -61,13 +61,39 @@ class ModelConfig:
     """RMSNorm epsilon."""
     rope_theta: float = 10000.0
     """Rotary embedding base."""
+    rope_scaling: tuple[float, float, float, float] | None = None
+    """Llama 3 rotary scaling: factor, low_freq_factor, high_freq_factor, original context length
+    (None: plain RoPE)."""
+    tie_embeddings: bool = False
+    """One weight for the embedding and the LM head (sharded, trained and stored once)."""
+    init: str = ""
+    """Where the weights come from: '' draws them from train.seed; 'hf:PATH' loads a Hugging Face
+    Llama-family folder or GGUF file (`integrations.hf`), whose config then sets the shape."""
 
     def __post_init__(self) -> None:
         for key in ("hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "layers", "vocab"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
-        self.shape  # noqa: B018  (validates heads, kv_heads, head_dim)
+        if self.rope_scaling is not None:
+            scaling = self.rope_scaling
+            if isinstance(scaling, str):  # from --set model.rope_scaling=8,1,4,8192
+                scaling = scaling.split(",")
+            try:
+                scaling = tuple(float(v) for v in scaling)
+            except (TypeError, ValueError):
+                scaling = ()
+            if len(scaling) != 4:
+                raise ValueError(
+                    "model.rope_scaling must be 4 numbers (factor, low_freq_factor, "
+                    f"high_freq_factor, original context length), got {self.rope_scaling!r}"
+                )
+            object.__setattr__(self, "rope_scaling", scaling)
+        if self.init and not self.init.startswith("hf:"):
+            raise ValueError(
+                f"model.init must be '' (random from train.seed) or 'hf:PATH', got {self.init!r}"
+            )
+        self.shape  # noqa: B018  (validates heads, kv_heads, head_dim, rope_scaling)
 
     @property
     def shape(self) -> LayerShape:
@@ -78,6 +104,7 @@ class ModelConfig:
             head_dim=self.head_dim,
             ffn_hidden=self.ffn_hidden,
             rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
         )
 
     def sp_problem(self, sp: int) -> str | None:
@@ -87,16 +114,15 @@ class ModelConfig:
             return problem
         if self.vocab % sp:
             sizes = [p for p in self.shape.valid_group_sizes() if self.vocab % p == 0]
-            return (
-                f"vocab ({self.vocab}) is not divisible by sp={sp}; choose sp among {sizes} "
-                "or pad the vocabulary"
-            )
+            fix = "" if self.init else " or set model.vocab to a multiple of sp"
+            return f"vocab ({self.vocab}) is not divisible by sp={sp}; choose sp among {sizes}{fix}"
         return None
 
 
 class _VocabSharded(nn.Module):
     """A (vocab, hidden) weight stored as this rank's 1/P block of rows (vocabulary order),
-    drawn whole in float64 from `seed` so that every P starts from the same weight."""
+    drawn whole in float64 from `seed` so that every P starts from the same weight (left
+    uninitialised with `random_init=False`, for weights loaded next)."""
 
     def __init__(
         self,
@@ -107,16 +133,21 @@ class _VocabSharded(nn.Module):
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        random_init: bool = True,
     ) -> None:
         super().__init__()
         if vocab % group.size:
             raise ValueError(f"vocab ({vocab}) is not divisible by the group size {group.size}")
         self.group = group
         rows = vocab // group.size
-        generator = torch.Generator().manual_seed(seed)
-        whole = torch.randn(vocab, hidden, generator=generator, dtype=torch.float64)
-        shard = whole[group.rank * rows : (group.rank + 1) * rows] / math.sqrt(hidden)
-        self.weight = mark_sharded(nn.Parameter(shard.to(dtype=dtype, device=device)))
+        if random_init:
+            generator = torch.Generator().manual_seed(seed)
+            whole = torch.randn(vocab, hidden, generator=generator, dtype=torch.float64)
+            shard = whole[group.rank * rows : (group.rank + 1) * rows] / math.sqrt(hidden)
+            shard = shard.to(dtype=dtype, device=device)
+        else:
+            shard = torch.empty(rows, hidden, dtype=dtype, device=device)
+        self.weight = mark_sharded(nn.Parameter(shard))
 
 
 class VocabParallelEmbedding(_VocabSharded):
@@ -147,8 +178,11 @@ class DecoderModel(nn.Module):
     """Embedding -> switchable decoder layers -> RMSNorm -> LM head -> summed token loss.
 
     Weights are drawn as whole tensors from `seed` and then sharded, so every sp (and P = 1)
-    starts from the same model. `forward(batch)` returns the sum of the loss over this rank's
-    local tokens; each layer runs the strategy and recompute mode the engine set on it."""
+    starts from the same model; `random_init=False` leaves them uninitialised for a loader
+    (`integrations.hf`, a checkpoint) to fill, drawing nothing. With `config.tie_embeddings`
+    the head's weight is the embedding's parameter (one shard, one gradient, one optimizer
+    state). `forward(batch)` returns the sum of the loss over this rank's local tokens; each
+    layer runs the strategy and recompute mode the engine set on it."""
 
     def __init__(
         self,
@@ -158,13 +192,14 @@ class DecoderModel(nn.Module):
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        random_init: bool = True,
     ) -> None:
         super().__init__()
         problem = config.sp_problem(group.size)
         if problem:
             raise ValueError(f"cannot shard the model over sp={group.size}: {problem}")
         self.config, self.group = config, group
-        kw = {"dtype": dtype, "device": device}
+        kw = {"dtype": dtype, "device": device, "random_init": random_init}
         H, V = config.hidden, config.vocab
         self.embedding = VocabParallelEmbedding(V, H, group, seed=layer_seed(seed, -1), **kw)
         self.layers = nn.ModuleList(
@@ -173,15 +208,23 @@ class DecoderModel(nn.Module):
             )
             for i in range(config.layers)
         )
-        self.norm = nn.RMSNorm(H, eps=config.norm_eps, **kw)
-        self.head = VocabParallelHead(V, H, group, seed=layer_seed(seed, config.layers), **kw)
+        self.norm = nn.RMSNorm(H, eps=config.norm_eps, dtype=dtype, device=device)
+        tied = config.tie_embeddings
+        head_kw = {**kw, "random_init": random_init and not tied}
+        self.head = VocabParallelHead(V, H, group, seed=layer_seed(seed, config.layers), **head_kw)
+        if tied:
+            self.head.weight = self.embedding.weight
 
     def switchable_layers(self) -> list[SwitchableDecoderLayer]:
         """The layers the planner chooses a strategy and recompute mode for, in order."""
         return list(self.layers)
 
-    def forward(self, batch: PackedBatch) -> Tensor:
+    def logits(self, batch: PackedBatch) -> Tensor:
+        """(T/P, V) float32 logits of this rank's local tokens, in the batch's layout order."""
         x = self.embedding(batch.input_ids)  # (T/P, H)
         for layer in self.layers:
             x = layer(x, batch)
-        return token_loss_sum(self.head(self.norm(x)), batch)
+        return self.head(self.norm(x))
+
+    def forward(self, batch: PackedBatch) -> Tensor:
+        return token_loss_sum(self.logits(batch), batch)

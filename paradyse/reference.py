@@ -48,10 +48,25 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def _rope(x: Tensor, theta: float) -> Tensor:
+def _llama3_frequency(freq: float, scaling: tuple[float, float, float, float]) -> float:
+    """One rotary frequency under Llama 3 scaling, case by case as Meta's reference states it."""
+    factor, low_freq_factor, high_freq_factor, context = scaling
+    wavelength = 2 * math.pi / freq
+    if wavelength < context / high_freq_factor:
+        return freq
+    if wavelength > context / low_freq_factor:
+        return freq / factor
+    smooth = (context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    return (1 - smooth) * freq / factor + smooth * freq
+
+
+def _rope(x: Tensor, theta: float, scaling=None) -> Tensor:
     """x (L, h, d): rotate each pair (x_i, x_{i+d/2}) by angle position * theta^(-2i/d)."""
     L, _, d = x.shape
     freqs = theta ** (-torch.arange(0, d // 2, dtype=torch.float64, device=x.device) * 2 / d)
+    if scaling is not None:
+        freqs = torch.tensor([_llama3_frequency(float(f), scaling) for f in freqs],
+                             dtype=torch.float64, device=x.device)  # fmt: skip
     angles = torch.outer(torch.arange(L, dtype=torch.float64, device=x.device), freqs)  # (L, d/2)
     rot = torch.polar(torch.ones_like(angles), angles)[:, None, :]  # (L, 1, d/2) complex128
     z = torch.complex(x[..., : d // 2].double(), x[..., d // 2 :].double()) * rot
@@ -72,8 +87,8 @@ class ReferenceDecoderLayer(nn.Module):
         w, s = self.weights, self.shape
         L = x.shape[0]
         h = _rms_norm(x, w["attn_norm"], self.eps)
-        q = _rope((h @ w["wq"].T).view(L, s.heads, s.head_dim), s.rope_theta)
-        k = _rope((h @ w["wk"].T).view(L, s.kv_heads, s.head_dim), s.rope_theta)
+        q = _rope((h @ w["wq"].T).view(L, s.heads, s.head_dim), s.rope_theta, s.rope_scaling)
+        k = _rope((h @ w["wk"].T).view(L, s.kv_heads, s.head_dim), s.rope_theta, s.rope_scaling)
         v = (h @ w["wv"].T).view(L, s.kv_heads, s.head_dim)
         rep = s.heads // s.kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

@@ -4,7 +4,7 @@
         [--sp P] [--strategy adaptive|local|tp_sp|ulysses|ring|usp|metp]
         [--planner exact|paradyse] [--recompute none|selective|full]
         [--memory-budget 512MiB] [--steps N] [--seed S] [--metrics FILE.jsonl]
-        [--save DIR] [--resume DIR] [--profile FILE.json]
+        [--save DIR] [--resume DIR] [--profile FILE.json] [--init hf:PATH]
 
 Exit status: 0 done; 2 a bad config, flag, data path or model shape; 3 the memory budget fits
 no plan, or the chosen static strategy cannot fit it. Errors are one line on stderr (rank 0).
@@ -44,6 +44,7 @@ _FLAGS = {  # flag destination -> (section, key)
     "metrics": ("train", "metrics"),
     "save": ("train", "save"),
     "resume": ("train", "resume"),
+    "init": ("model", "init"),
 }
 
 
@@ -74,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint (or DIR/latest)")
     p.add_argument("--profile", metavar="FILE.json",
                    help="cost-model profile; measured here and written if missing")  # fmt: skip
+    p.add_argument("--init", metavar="hf:PATH",
+                   help="start from a Hugging Face Llama folder or GGUF file (its config sets "
+                        "the model's shape)")  # fmt: skip
     return p
 
 

@@ -27,6 +27,7 @@ from .checkpoint_state import ModelState, OptimizerState, TrainProgress, device_
 from .config import Config
 from .data import DataError, GlobalBatches, assign_to_dp, micro_batches, open_source
 from .engine import Engine, LayerHooks, OptimizerWrapper, StepResult
+from .init import InitError, build_model, with_pretrained_shape
 from .integration import Integration, IntegrationError, RunContext, plug_in
 from .metrics import MetricsWriter, Progress, step_record, summary_lines
 from .model import DecoderModel
@@ -63,8 +64,12 @@ class Trainer:
         log=print,
         warn=None,
     ) -> None:
-        self.config, self.log = config, log
+        self.log = log
         self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+        try:
+            self.config, self.pretrained = with_pretrained_shape(config)
+        except InitError as error:
+            raise RunError(str(error)) from None
         self.mesh = self._mesh(mesh)
         resume_from = self._checkpoint_to_resume()  # checked before the slow set-up
         self.dtype = getattr(torch, config.train.dtype)
@@ -77,8 +82,7 @@ class Trainer:
         self.split_len = self._split_length()
         self._check_fullest_micro_batch()
         self._warn_about_the_cut()
-        self.model = DecoderModel(config.model, self.mesh.sp_group, seed=config.train.seed,
-                                  dtype=self.dtype, device=self.mesh.device)  # fmt: skip
+        self.model = self._model(fills=resume_from is not None)
         self.integrations = self._plug_in_integrations()
         self.engine = self._engine(hooks, optimizer_wrapper)
         self.records: list[dict] = []
@@ -87,6 +91,15 @@ class Trainer:
         self._resume(resume_from)
 
     # ------------------------------------------------------------------ set-up
+    def _model(self, fills: bool) -> DecoderModel:
+        """The model, drawn or loaded (`paradyse.init.build_model`); `self.pretrained` freed."""
+        source, self.pretrained = self.pretrained, None  # a GGUF source holds every tensor
+        try:
+            return build_model(self.config, self.mesh.sp_group, source, dtype=self.dtype,
+                               device=self.mesh.device, fills=fills)  # fmt: skip
+        except InitError as error:
+            raise RunError(str(error)) from None
+
     def _mesh(self, mesh: Mesh | None) -> Mesh:
         """The given mesh, or one from the torchrun environment; the model must split over sp."""
         if mesh is None:

@@ -2,24 +2,49 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .shape import LayerShape
 
-__all__ = ["apply_rotary", "swiglu", "split_qkv"]
+__all__ = ["apply_rotary", "rotary_frequencies", "swiglu", "split_qkv"]
 
 
-def apply_rotary(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotate-half rotary embedding of x (N, heads, d) at integer positions (N,).
+def rotary_frequencies(
+    d: int, theta: float, scaling: tuple[float, float, float, float] | None = None, device=None
+) -> Tensor:
+    """(d/2,) float64 rotation frequencies theta^(-2i/d), optionally rescaled as Llama 3 does.
+
+    `scaling` = (factor, low_freq_factor, high_freq_factor, original context): frequencies whose
+    wavelength exceeds context / low_freq_factor are divided by `factor`, those shorter than
+    context / high_freq_factor are kept, and the band between moves linearly in
+    context / wavelength from one to the other."""
+    inv_freq = theta ** (-torch.arange(0, d // 2, dtype=torch.float64, device=device) * 2 / d)
+    if scaling is None:
+        return inv_freq
+    factor, low, high, context = scaling
+    ratio = context * inv_freq / (2 * math.pi)  # context / wavelength
+    # 0 at the low-frequency edge (divide by factor), 1 at the high-frequency edge (keep)
+    keep = ((ratio - low) / (high - low)).clamp(0.0, 1.0)
+    return inv_freq * (keep + (1 - keep) / factor)
+
+
+def apply_rotary(
+    x: Tensor,
+    positions: Tensor,
+    theta: float,
+    scaling: tuple[float, float, float, float] | None = None,
+) -> Tensor:
+    """Rotate-half rotary embedding of x (N, heads, d) at integer positions (N,), with the
+    frequencies of `rotary_frequencies`.
 
     Angles are computed in float64: position * frequency in float32 loses ~pos * 6e-8 radians,
     which is visible at long context."""
     d = x.shape[-1]
-    inv_freq = theta ** (
-        -torch.arange(0, d // 2, dtype=torch.float64, device=x.device) * 2 / d
-    )  # (d/2,)
+    inv_freq = rotary_frequencies(d, theta, scaling, x.device)  # (d/2,)
     angles = positions.to(torch.float64)[:, None] * inv_freq[None]  # (N, d/2)
     cos = torch.cos(angles).to(x.dtype)[:, None, :]  # (N, 1, d/2)
     sin = torch.sin(angles).to(x.dtype)[:, None, :]

@@ -28,6 +28,9 @@ class LayerShape:
     """SwiGLU intermediate width F."""
     rope_theta: float = 10000.0
     """Rotary embedding base."""
+    rope_scaling: tuple[float, float, float, float] | None = None
+    """Llama 3 frequency scaling (factor, low_freq_factor, high_freq_factor, original context
+    length), or None (`parallel_lib.ops.rotary_frequencies`)."""
 
     def __post_init__(self) -> None:
         for name in ("hidden", "heads", "kv_heads", "head_dim", "ffn_hidden"):
@@ -39,6 +42,13 @@ class LayerShape:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            factor, low, high, context = self.rope_scaling
+            if not (factor > 0 and 0 < low < high and context > 0):
+                raise ValueError(
+                    "rope_scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                    f"a positive original context, got {self.rope_scaling}"
+                )
 
     def layout_problem(self, P: int) -> str | None:
         """Why a group of P ranks cannot hold this layer as head-aligned 1/P shards, or None."""

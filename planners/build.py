@@ -100,6 +100,7 @@ class PlanningSetup:
         m = self.model
         return static_memory(
             self.shape, m.layers, m.vocab, sp=self.sp, dp=self.dp, dtype=self.dtype,
+            tied_embeddings=getattr(m, "tie_embeddings", False),
             shard_optimizer=self.shard_optimizer,
         )  # fmt: skip
 
