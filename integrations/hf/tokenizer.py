@@ -78,19 +78,24 @@ def load_hf_tokenizer(path: str) -> Any:
             f"tokenizer path {path!r} is a file but not a .gguf file: point to a local "
             "tokenizer folder or a .gguf file"
         )
-    auto = _transformers().AutoTokenizer
+    transformers = _transformers()
     metadata = gguf_tokenizer_metadata(path) if gguf else {}
+    logging = transformers.utils.logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # GGUF loading warns about Llama's `legacy` default: moot here
     try:
         if gguf:
             folder, name = os.path.split(os.path.abspath(path))
-            tokenizer = auto.from_pretrained(folder, gguf_file=name)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
         else:
-            tokenizer = auto.from_pretrained(path, local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError and others
         what = "a GGUF file with tokenizer metadata" if gguf else "a save_pretrained folder"
         raise ValueError(
             f"cannot load a tokenizer from {path!r} ({_first_line(e)}): point to {what}"
         ) from None
+    finally:
+        logging.set_verbosity(verbosity)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"{path!r} holds a slow (Python) tokenizer: save a fast one (tokenizer.json) there"

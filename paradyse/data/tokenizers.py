@@ -80,7 +80,7 @@ def load_tokenizer(name: str, vocab: int) -> Tokenizer:
     downloaded); its vocab must fit in the model's `vocab`."""
     if name == "bytes":
         tokenizer: Tokenizer = ByteTokenizer()
-    elif name.endswith(".gguf") and os.path.isfile(name):
+    elif name.endswith(".gguf"):
         tokenizer = HFTokenizer(_load_gguf(name), name)
     else:
         if not os.path.isdir(name):
