@@ -11,7 +11,9 @@ from torch import Tensor
 
 from parallel_lib import ZigzagLayout, pad_length
 
-__all__ = ["PackedBatch", "IGNORE_INDEX"]
+from .data.instruct import target_count
+
+__all__ = ["PackedBatch", "IGNORE_INDEX", "target_count"]
 
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss (padding, the last token of each sequence)."""
@@ -31,7 +33,11 @@ class PackedBatch:
     Each sequence is padded at its end to a multiple of 2P (padding comes after every real token,
     so causal attention keeps it out of every real token's output; its loss is masked), cut into
     2P chunks, and rank r holds chunks r and 2P-1-r of each (see `parallel_lib.layout`). With
-    P = 1 this is plain packing."""
+    P = 1 this is plain packing.
+
+    Masked tokens: a token stored as its bitwise complement `~id` (negative) is read as `id` but
+    is no next-token target (instruction data masks prompts this way). The mark rides in the
+    token arrays themselves, so cutting, micro-batching and stream positions need no change."""
 
     layout: ZigzagLayout
     """Index maps: cu_seqlens, local bounds, positions, gathered <-> natural permutations."""
@@ -43,6 +49,8 @@ class PackedBatch:
     """(T/P,) int64 next-token targets, IGNORE_INDEX where there is none."""
     loss_mask: Tensor
     """(T/P,) bool: True where the token carries loss."""
+    num_loss_tokens: int
+    """Tokens carrying loss in the whole micro-batch (sum over ranks): `target_count` summed."""
 
     @classmethod
     def pack(
@@ -54,7 +62,8 @@ class PackedBatch:
         device: torch.device | str = "cpu",
         pad_id: int = 0,
     ) -> PackedBatch:
-        """Pack token-id sequences for rank `sp_rank` of a switchable group of `sp_size`."""
+        """Pack token-id sequences for rank `sp_rank` of a switchable group of `sp_size`;
+        a negative token `~id` is input `id` and no target."""
         if not sequences:
             raise ValueError("a micro-batch needs at least one sequence")
         lens = [len(s) for s in sequences]
@@ -65,9 +74,11 @@ class PackedBatch:
         tokens = torch.full((layout.total_tokens,), pad_id, dtype=torch.int64)
         labels = torch.full((layout.total_tokens,), IGNORE_INDEX, dtype=torch.int64)
         for start, seq in zip(layout.bounds, sequences, strict=False):
-            ids = _as_ids(seq)
+            marked = _as_ids(seq)
+            ids = torch.where(marked < 0, ~marked, marked)
             tokens[start : start + len(ids)] = ids
-            labels[start : start + len(ids) - 1] = ids[1:]
+            targets = torch.where(marked[1:] < 0, IGNORE_INDEX, ids[1:])
+            labels[start : start + len(ids) - 1] = targets
         local = layout.local_natural_index.cpu()
         labels = labels[local]
         return cls(
@@ -76,6 +87,7 @@ class PackedBatch:
             input_ids=tokens[local].to(layout.device),
             labels=labels.to(layout.device),
             loss_mask=(labels != IGNORE_INDEX).to(layout.device),
+            num_loss_tokens=sum(target_count(s) for s in sequences),
         )
 
     @property
@@ -102,11 +114,6 @@ class PackedBatch:
     @property
     def local_tokens(self) -> int:
         return self.layout.local_tokens
-
-    @property
-    def num_loss_tokens(self) -> int:
-        """Tokens carrying loss in the whole micro-batch (sum over ranks)."""
-        return sum(n - 1 for n in self.seq_lens)
 
     def real_mask(self) -> Tensor:
         """(T/P,) bool: True for real (non-padding) local tokens."""

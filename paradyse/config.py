@@ -49,13 +49,15 @@ class DataConfig:
     """Where the tokens come from and how steps and micro-batches are cut."""
 
     source: str = "stdlib"
-    """stdlib (the running Python's standard library sources), files, or synthetic."""
+    """stdlib (the running Python's standard library sources), files, instruct (jsonl
+    prompt/response or messages records, prompts masked out of the loss), or synthetic."""
     path: str = ""
-    """files: a .jsonl file, a text file or a directory of them."""
+    """files: a .jsonl file, a text file or a directory of them; instruct: a .jsonl file or a
+    directory of them."""
     field: str = "text"
     """files: the JSON key holding each document's text."""
     tokenizer: str = "bytes"
-    """bytes (byte-level, vocab 256) or a local Hugging Face tokenizer directory."""
+    """bytes (byte-level, vocab 256), a local Hugging Face tokenizer directory or a .gguf file."""
     distribution: str = "githubcode"
     """synthetic: githubcode or grch38 (paradyse.lengths)."""
     documents: int = 10000

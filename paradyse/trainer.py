@@ -322,8 +322,9 @@ class Trainer:
         return float(tables.time.min(axis=1).sum())
 
     def next_step(self) -> tuple[list, list[int], int]:
-        """This dp group's micro-batches of the next global batch, its lengths, documents split."""
-        batch = self.batches.next_batch(self.split_len)
+        """This dp group's micro-batches of the next global batch, its lengths, documents split;
+        `self.batch` keeps the global batch (its `targets` normalise the step's loss)."""
+        batch = self.batch = self.batches.next_batch(self.split_len)
         lens = batch.lengths
         mesh, data = self.mesh, self.config.data
         mine = assign_to_dp(lens, mesh.dp, self.dp_cost)[mesh.dp_rank]
@@ -335,7 +336,12 @@ class Trainer:
             sequences, lens, split = self.next_step()
         except DataError as error:
             raise RunError(f"step {self.engine.step_index}: {error}") from None
-        loss_tokens = sum(n - 1 for n in lens)
+        loss_tokens = self.batch.targets  # n - 1 a sequence, less its masked targets
+        if loss_tokens < 1:
+            raise RunError(
+                f"step {self.engine.step_index}: no token of the batch carries loss (every "
+                "target is masked): raise data.max_seq_len or data.tokens_per_step"
+            )
         try:
             result: StepResult = self.engine.step(sequences, loss_tokens)
         except InfeasibleError as error:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from .errors import DataError, check_int
+from .instruct import target_count
 from .sources import Source
 
 
@@ -20,7 +21,8 @@ class Batch:
     """The global batch of one step: documents and pieces of documents, in stream order."""
 
     sequences: list[np.ndarray]
-    """int64 token arrays, each at least 2 tokens (1 only where max_len is 2)."""
+    """int64 token arrays, each at least 2 tokens (1 only where max_len is 2); a masked token
+    (no next-token target, e.g. a prompt's) is stored as `~id` (see `paradyse.PackedBatch`)."""
     split: int = 0
     """Documents cut into several pieces whose first piece is in this batch."""
     longest_document: int = 0
@@ -33,6 +35,12 @@ class Batch:
     @property
     def tokens(self) -> int:
         return sum(self.lengths)
+
+    @property
+    def targets(self) -> int:
+        """Tokens carrying loss (next-token targets, masked ones left out): what normalises the
+        step's loss."""
+        return sum(target_count(s) for s in self.sequences)
 
 
 @dataclass(frozen=True)

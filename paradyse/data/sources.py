@@ -11,9 +11,10 @@ from typing import Protocol
 import numpy as np
 
 from .errors import DataError, check_int
+from .instruct import InstructCorpus
 from .tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
 
-SOURCES = ("stdlib", "files", "synthetic")
+SOURCES = ("stdlib", "files", "instruct", "synthetic")
 TEXT_SUFFIXES = (".jsonl", ".txt", ".md", ".py")
 """The files a directory corpus reads (.jsonl one document a line, the others whole)."""
 
@@ -245,7 +246,8 @@ def open_source(
     count: int = 10000,
     seed: int = 0,
 ) -> Source:
-    """The source named by the data config: "stdlib", "files" (needs `path`) or "synthetic"."""
+    """The source named by the data config: "stdlib", "files" or "instruct" (both need `path`)
+    or "synthetic"."""
     if source == "stdlib":
         return StdlibCorpus(load_tokenizer(tokenizer, vocab))
     if source == "files":
@@ -255,6 +257,13 @@ def open_source(
                 "directory"
             )
         return FileCorpus(path, load_tokenizer(tokenizer, vocab), field)
+    if source == "instruct":
+        if not path:
+            raise DataError(
+                "data.source = 'instruct' needs data.path: set it to a .jsonl file of "
+                "prompt/response or messages records"
+            )
+        return InstructCorpus(path, load_tokenizer(tokenizer, vocab))
     if source == "synthetic":
         return SyntheticLengths(distribution, count, seed, vocab)
     raise DataError(f"unknown data source {source!r}: set data.source to one of {SOURCES}")
