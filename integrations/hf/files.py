@@ -178,7 +178,9 @@ def open_pretrained(path: str | os.PathLike, *, whole: bool = False) -> Pretrain
         )
     folder = SafetensorsFolder(path, _read_config(path))
     if whole:
-        return WholeStateDict(path, folder.config, {n: folder.read(n) for n in folder.names})
+        # cloned: safetensors hands out views of its file mapping, not memory of the process
+        tensors = {name: folder.read(name).clone() for name in sorted(folder.names)}
+        return WholeStateDict(path, folder.config, tensors)
     return folder
 
 
