@@ -29,10 +29,10 @@ def test_files_have_the_documented_form(tmp_path: Path) -> None:
     for row in train:
         assert set(row) == {"prompt", "response"}
         assert row["prompt"].endswith(tasks.INSTRUCTION)
-        last = row["response"].splitlines()[-1]
-        assert last.startswith("Answer: ")
-        # the worked solution's last step ends in the answer
-        assert row["response"].splitlines()[-2].endswith("= " + tasks.extract_answer(last))
+        *steps, last = row["response"].splitlines()
+        answer = tasks.extract_answer(last)
+        assert last == f"The answer is {answer}."
+        assert steps[-1].endswith(f"= {answer}")  # the worked solution's last step
     for row in heldout:
         assert {"prompt", "answer", "task", "index", "metadata"} <= set(row)
         assert row["task"] == "chain_sum"
@@ -59,20 +59,22 @@ def test_responses_of_other_tasks_end_in_the_answer() -> None:
         train, heldout = tasks.build(task, seed=1, n_train=5, n_heldout=3)
         for row in train:
             answer = tasks.extract_answer(row["response"])
-            assert answer is not None and row["response"].endswith(f"Answer: {answer}")
+            assert answer is not None and row["response"].endswith(f"The answer is {answer}.")
         assert all(tasks.score(task, r["answer"], r) == 1.0 for r in heldout)
 
 
 @pytest.mark.parametrize(
     ("text", "extracted", "correct"),
     [
-        ("4 - 1 = 3\n3 - 7 = -4\nAnswer: -4", "-4", True),
-        ("Answer: 5\nAnswer: -4", "-4", True),  # the last Answer: line counts
-        ("**Answer: -4.**", "-4", True),
-        ("Answer: -4 apples", "-4 apples", False),
-        ("Answer: 4", "4", False),
-        ("The answer is -4.", None, False),  # malformed: no Answer: line
-        ("Answer:", None, False),
+        ("4 - 1 = 3\n3 - 7 = -4\nThe answer is -4.", "-4", True),
+        ("The answer is 5.\nNo, the answer is -4.", "-4", True),  # the last sentence counts
+        ("The answer is -4, which is negative.", "-4", True),
+        ("The answer is **-4**.", "-4", True),
+        ("the answer is: $-4$", "-4", True),
+        ("The answer is -4 apples.", "-4 apples", False),
+        ("The answer is 4.", "4", False),
+        ("So it is -4.", None, False),  # malformed: no answer sentence
+        ("The answer is", None, False),
         ("", None, False),
     ],
 )
@@ -97,16 +99,16 @@ _TEMPLATE = (
 
 
 def _tiny_model_dir(tmp_path: Path) -> Path:
-    """A 2-layer random Llama and a word-level tokenizer (digits, 'Answer:', a few words)."""
+    """A 2-layer random Llama and a word-level tokenizer (digits, 'The answer is', a few words)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    words = ["Answer:", " ", "\n", "-", "+", "=", "user", "assistant", "State", "the"]
+    words = ["The answer is", " ", "\n", "-", "+", "=", "user", "assistant", "State", "the"]
     vocab = {t: i for i, t in enumerate(_SPECIALS + words + [str(d) for d in range(10)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(
-        Regex(r"Answer:|<\|im_start\|>|<\|im_end\|>|\d|[A-Za-z]+|\s|."), behavior="isolated"
+        Regex(r"The answer is|<\|im_start\|>|<\|im_end\|>|\d|[A-Za-z]+|\s|."), behavior="isolated"
     )
     backend.decoder = decoders.Fuse()
     tokenizer = transformers.PreTrainedTokenizerFast(
@@ -164,13 +166,16 @@ def test_evaluation_matches_a_plain_greedy_decode(tmp_path: Path) -> None:
     model, tokenizer = evaluate.load(folder)
     expected = [_greedy_without_cache(model, tokenizer, r["prompt"], 12) for r in heldout]
     assert len(set(expected)) > 1
-    # Make every other problem's answer what the model will say, so the right count is known.
+    # Make answers match what the model will say, so the right counts are known: every answer
+    # sentence, and the last number of every other generation without one.
     strict = lenient = 0
     for i, (row, text) in enumerate(zip(heldout, expected, strict=True)):
-        said = tasks.extract_answer(text) or tasks.last_number(text)
-        if i % 2 == 0 and said is not None:
-            row["answer"] = said
-            strict += tasks.extract_answer(text) is not None
+        number = tasks.last_number(text)
+        if (sentence := tasks.extract_answer(text)) is not None:
+            row["answer"] = sentence
+            strict, lenient = strict + 1, lenient + 1
+        elif i % 2 == 0 and number is not None:
+            row["answer"] = number
             lenient += 1
     assert strict > 0 and lenient > strict
     path = tmp_path / "heldout.jsonl"

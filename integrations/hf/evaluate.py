@@ -5,7 +5,7 @@
 
 Each problem's prompt goes through the tokenizer's chat template (with the generation prompt), the
 batch is left-padded, and transformers' ``generate`` decodes greedily with its KV cache until the
-end-of-sequence token or ``K`` new tokens. The answer is read from the ``Answer: ...`` line
+end-of-sequence token or ``K`` new tokens. The answer is read from the sentence "The answer is ..."
 (`integrations.hf.tasks.extract_answer`) and scored by the task's own reasoning_gym checker; a
 score of 1.0 counts as correct. It prints ``k/n`` and tokens/s, and writes every problem's prompt,
 generation, extracted answer and score to ``--out``.
@@ -107,7 +107,7 @@ def evaluate(
     heldout: str | Path,
     *,
     limit: int | None = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = 64,
     batch: int = 16,
 ) -> dict[str, Any]:
     """Generate, extract and score every held-out problem; the summary plus per-problem rows."""
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("heldout", type=Path, help="heldout.jsonl from integrations.hf.tasks")
     parser.add_argument("--limit", type=int, default=None, help="first N problems only")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=None, help="per-problem results (JSON)")
     args = parser.parse_args(argv)
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"accuracy {result['correct']}/{result['n']} ({100 * result['accuracy']:.1f}%), "
-        f"in the Answer: form {result['answered']}/{result['n']}, "
+        f"in the answer sentence {result['answered']}/{result['n']}, "
         f"lenient (last number) {result['correct_lenient']}/{result['n']}; "
         f"{result['new_tokens']} tokens in "
         f"{result['seconds']:.1f} s ({result['tokens_per_s']:.1f} tokens/s)"

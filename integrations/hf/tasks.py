@@ -7,7 +7,7 @@ writes two JSON-lines files:
 - ``DIR/train.jsonl``: ``{"prompt", "response"}`` lines, what the ``instruct`` data source reads.
   The prompt is the question plus ``INSTRUCTION``; the response is a short worked solution where the
   task gives one (chain_sum and leg_counting are worked here, gsm_symbolic carries its own) and
-  always ends with the line ``Answer: <answer>``.
+  always ends with the sentence "The answer is <answer>."
 - ``DIR/heldout.jsonl``: ``{"prompt", "answer", "task", "index", "metadata"}`` lines, what
   ``integrations.hf.evaluate`` needs to score a generation with the task's own checker.
 
@@ -27,8 +27,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-INSTRUCTION = "Give your final answer on the last line in the form: Answer: <answer>"
-"""Appended to every question; the fixed form `extract_answer` reads back."""
+INSTRUCTION = "End your response with the sentence: The answer is <answer>."
+"""Appended to every question; the fixed form `extract_answer` reads back. It is the sentence the
+base SmolLM2-135M-Instruct already tends to write, so the base score measures the arithmetic, not
+obedience to an unfamiliar format."""
 
 HELDOUT_OFFSET = 1_000_000
 """Held-out seeds start this far after the train seed; the train set may not be larger."""
@@ -41,30 +43,30 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
 """Difficulty settings for a 135M-parameter model (reasoning_gym's defaults are for large ones);
 a task not named here uses reasoning_gym's defaults. `--option key=value` overrides either."""
 
-_ANSWER_LINE = re.compile(r"Answer:[ \t]*([^\n]*)")
-_NUMBER_WITH_PERIOD = re.compile(r"-?\d+(?:\.\d+)?\.")
+_ANSWER_SENTENCE = re.compile(r"the answer is:?[ \t]*((?:(?!the answer is)[^\n])*)", re.IGNORECASE)
+_SENTENCE_GOES_ON = re.compile(r"[,;]\s|\.\s")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def extract_answer(text: str) -> str | None:
-    """The answer on the last ``Answer: ...`` line of a generation, or None where there is none.
+    """The answer in the last "The answer is ..." sentence of a generation that has one, or None.
 
-    Markdown emphasis and a sentence's closing period after a number are dropped
-    ("**Answer: 12.**" reads as "12"); anything else is returned as written.
+    The sentence ends at the line's end, at its last period, or where it goes on after a comma,
+    semicolon or period ("The answer is 12, which ..." reads as "12"); markdown emphasis and $
+    around the answer are dropped. Anything else is returned as written, for the checker to judge.
     """
-    matches = _ANSWER_LINE.findall(text)
-    if not matches:
-        return None
-    answer = matches[-1].strip().strip("*").strip()
-    if _NUMBER_WITH_PERIOD.fullmatch(answer):
-        answer = answer[:-1]
-    return answer or None
+    for found in reversed(_ANSWER_SENTENCE.findall(text)):
+        answer = _SENTENCE_GOES_ON.split(found, maxsplit=1)[0].strip()
+        answer = answer.removesuffix(".").strip().strip("*$").strip()
+        if answer:
+            return answer
+    return None
 
 
 def last_number(text: str) -> str | None:
     """The last number in a generation: the lenient reading, for a model not taught the format.
 
-    Reported beside the strict score so that a gain from learning the ``Answer:`` line can be
+    Reported beside the strict score so that a gain from learning the answer sentence can be
     told apart from a gain in getting the number right.
     """
     numbers = _NUMBER.findall(text)
@@ -124,9 +126,10 @@ def make_prompt(question: str) -> str:
 
 
 def make_response(task: str, entry: dict[str, Any]) -> str:
-    """The assistant message: a worked solution where there is one, then ``Answer: <answer>``."""
+    """The assistant message: a worked solution where there is one, ending in the sentence
+    ``The answer is <answer>.``"""
     solution = _SOLUTIONS[task](entry) if task in _SOLUTIONS else ""
-    final = f"Answer: {entry['answer']}"
+    final = f"The answer is {entry['answer']}."
     return f"{solution}\n{final}" if solution else final
 
 
