@@ -36,7 +36,7 @@ HELDOUT_OFFSET = 1_000_000
 """Held-out seeds start this far after the train seed; the train set may not be larger."""
 
 TASK_OPTIONS: dict[str, dict[str, Any]] = {
-    "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+    "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
     "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
     "leg_counting": {"min_animals": 2, "max_animals": 3, "max_instances": 5},
 }
