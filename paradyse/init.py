@@ -9,7 +9,7 @@ whose message is one line."""
 from __future__ import annotations
 
 import importlib
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ import torch
 from parallel_lib import CommGroup
 
 from .config import Config
-from .model import DecoderModel
+from .model import DecoderModel, ModelConfig
 
 __all__ = ["InitError", "with_pretrained_shape", "build_model", "INIT_SCHEMES"]
 
@@ -44,7 +44,8 @@ def _initialiser(init: str):
 
 def with_pretrained_shape(config: Config) -> tuple[Config, Any]:
     """`config` with the model's shape read from `model.init`, and the opened source (None,
-    and `config` unchanged, without an init)."""
+    and `config` unchanged, without an init). A shape key the config sets to another value
+    than the source's is refused rather than silently replaced."""
     init = config.model.init
     if not init:
         return config, None
@@ -52,6 +53,18 @@ def with_pretrained_shape(config: Config) -> tuple[Config, Any]:
         model, source = _initialiser(init).pretrained_model_config(init)
     except ValueError as error:  # InitError, or the integration's one-line errors
         raise InitError(f"model.init: {error}") from None
+    defaults = ModelConfig()
+    clashes = [
+        f"model.{f.name} = {getattr(config.model, f.name)!r} (the source has "
+        f"{getattr(model, f.name)!r})"
+        for f in fields(ModelConfig)
+        if f.name != "init"
+        and getattr(config.model, f.name) != getattr(defaults, f.name)
+        and getattr(config.model, f.name) != getattr(model, f.name)
+    ]
+    if clashes:
+        raise InitError(f"{init} sets the model's shape, but the config also sets "
+                        f"{', '.join(clashes)}: remove those keys")  # fmt: skip
     return replace(config, model=model), source
 
 

@@ -115,6 +115,18 @@ def test_unsupported_fields_are_refused_by_name(change, named, tmp_path, capsys)
     assert len(lines) == 1 and named in lines[0], lines
 
 
+def test_a_config_shape_that_contradicts_the_source_is_refused(tmp_path) -> None:
+    from paradyse.init import InitError, with_pretrained_shape
+
+    folder = tmp_path / "hf"
+    tiny_llama(str(folder), tied=True)
+    same = load_config(None, [f"model.init=hf:{folder}", "model.hidden=64"])
+    assert with_pretrained_shape(same)[0].model.tie_embeddings  # agreeing keys are fine
+    other = load_config(None, [f"model.init=hf:{folder}", "model.layers=7"])
+    with pytest.raises(InitError, match="model.layers = 7 \\(the source has 3\\)"):
+        with_pretrained_shape(other)
+
+
 def test_missing_sources_are_one_line(tmp_path) -> None:
     with pytest.raises(HFError, match="neither a model folder nor a .gguf file"):
         pretrained_model_config(f"hf:{tmp_path / 'absent'}")

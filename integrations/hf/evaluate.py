@@ -102,6 +102,29 @@ def generate(
     return outputs, counts
 
 
+def heldout_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[float, int]:
+    """Mean next-token cross-entropy of the held-out responses and how many tokens it covers:
+    the tokens after the assistant's generation prompt up to its end-of-turn token, the ones
+    the `instruct` data source trains on (the prompt and the newline after the turn carry none).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    eos, total, count = tokenizer.eos_token_id, 0.0, 0
+    for row in rows:
+        user = [{"role": "user", "content": row["prompt"]}]
+        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True)
+        turn = [*user, {"role": "assistant", "content": row["response"]}]
+        ids = tokenizer.apply_chat_template(turn)
+        stop = max(i for i, t in enumerate(ids) if t == eos) + 1  # through the end of turn
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids[:stop]])).logits[0, :-1].float()
+        targets = torch.tensor(ids[1:stop])
+        loss = F.cross_entropy(logits, targets, reduction="none")[len(prompt) - 1 :]
+        total, count = total + float(loss.sum()), count + loss.numel()
+    return total / count, count
+
+
 def evaluate(
     model_dir: str | Path,
     heldout: str | Path,
@@ -123,6 +146,10 @@ def evaluate(
         model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch
     )
     seconds = time.perf_counter() - start
+    with_response = [r for r in rows if "response" in r]
+    loss, loss_tokens = (
+        heldout_loss(model, tokenizer, with_response) if with_response else (None, 0)
+    )
     problems = []
     for row, text, n in zip(rows, generations, counts, strict=True):
         extracted = extract_answer(text)
@@ -154,6 +181,8 @@ def evaluate(
         "accuracy": correct / len(problems),
         "answered": sum(p["extracted"] is not None for p in problems),
         "correct_lenient": correct_lenient,
+        "heldout_loss": loss,
+        "heldout_loss_tokens": loss_tokens,
         "new_tokens": sum(counts),
         "seconds": seconds,
         "tokens_per_s": sum(counts) / seconds,
@@ -193,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{result['new_tokens']} tokens in "
         f"{result['seconds']:.1f} s ({result['tokens_per_s']:.1f} tokens/s)"
     )
+    if result["heldout_loss"] is not None:
+        print(f"held-out loss {result['heldout_loss']:.4f} over "
+              f"{result['heldout_loss_tokens']} response tokens")  # fmt: skip
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False, default=str) + "\n")

@@ -8,7 +8,8 @@ writes two JSON-lines files:
   The prompt is the question plus ``INSTRUCTION``; the response is a short worked solution where the
   task gives one (chain_sum and leg_counting are worked here, gsm_symbolic carries its own) and
   always ends with the sentence "The answer is <answer>."
-- ``DIR/heldout.jsonl``: ``{"prompt", "answer", "task", "index", "metadata"}`` lines, what
+- ``DIR/heldout.jsonl``: ``{"prompt", "response", "answer", "task", "index", "metadata"}`` lines
+  (the response for the held-out loss), what
   ``integrations.hf.evaluate`` needs to score a generation with the task's own checker.
 
 reasoning_gym draws item ``i`` of a dataset with seed ``s`` from ``Random(s + i)``, so the train
@@ -178,6 +179,7 @@ def build(
     heldout_rows = [
         {
             "prompt": make_prompt(e["question"]),
+            "response": make_response(task, e),
             "answer": e["answer"],
             "task": task,
             "index": e["index"],
