@@ -160,3 +160,24 @@ def test_a_vocabulary_sp_does_not_divide_is_one_line(tmp_path) -> None:
     message = run_distributed(2, _construct, str(folder))[0]
     assert "vocab (129) is not divisible by sp=2; choose sp among [1]" in message
     assert "\n" not in message
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_one_line(tmp_path, capsys) -> None:
+    from .test_data_instruct import VOCAB, save_tokenizer
+
+    folder = tmp_path / "hf"
+    tiny_llama(str(folder), tied=True, vocab_size=16)
+    tokenizer = save_tokenizer(tmp_path / "tok")
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as info:
+            paradyse.train.main(["--init", f"hf:{folder}", *(a for s in RUN for a in ("--set", s)),
+                                 "--set", "data.source=stdlib",
+                                 "--set", f"data.tokenizer={tokenizer}"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert info.value.code == EXIT_USAGE
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert f"has {len(VOCAB)} tokens but the model's vocab is 16" in lines[0]
+    assert "the model's own tokenizer" in lines[0]

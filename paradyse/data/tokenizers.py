@@ -107,7 +107,8 @@ def load_tokenizer(name: str, vocab: int) -> Tokenizer:
     if tokenizer.vocab_size > vocab:
         raise DataError(
             f"tokenizer {name!r} has {tokenizer.vocab_size} tokens but the model's vocab is "
-            f"{vocab}: raise the model's vocab size to at least {tokenizer.vocab_size}"
+            f"{vocab}: set data.tokenizer to the model's own tokenizer (or, for a model drawn "
+            f"from a seed, model.vocab to at least {tokenizer.vocab_size})"
         )
     return tokenizer
 
