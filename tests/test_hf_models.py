@@ -183,3 +183,33 @@ def test_export_reimport_export_is_byte_identical(case, models, tmp_path) -> Non
     for got, w in zip(hf_logits(again, tokens()), want, strict=True):
         # the same weights, bit for bit; float32 kernels may still round a few values apart
         assert (got - w).abs().max() <= 1e-6 * w.abs().max()
+
+
+def test_sharded_folders_both_ways(models, tmp_path) -> None:
+    """A folder transformers saved in several safetensors files with an index loads; an export
+    past --shard-size writes one that transformers loads."""
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    from integrations.hf.export import _export_pretrained
+
+    folder, hf, want = models["untied-llama3"]
+    theirs = tmp_path / "theirs"
+    hf.save_pretrained(theirs, max_shard_size="100KB")
+    assert len(json.loads((theirs / "model.safetensors.index.json").read_text())["weight_map"])
+    ours = tmp_path / "ours"
+    _export_pretrained(f"hf:{theirs}", ours, shard_bytes=100_000)
+    index = json.loads((ours / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    again = LlamaForCausalLM.from_pretrained(ours).eval()
+    for got, w in zip(hf_logits(again, tokens()), want, strict=True):
+        assert (got - w).abs().max() <= 1e-6 * w.abs().max()
+    config, source = pretrained_model_config(f"hf:{ours}")
+    model = DecoderModel(config, CommGroup.single(), random_init=False)
+    load_pretrained(model, source)
+    batch = PackedBatch.pack(tokens(), 1, 0)
+    with torch.no_grad():
+        logits = model.logits(batch)
+    for w, start in zip(want, batch.layout.bounds, strict=False):
+        assert (logits[start : start + len(w)] - w).abs().max() < 1e-4 * w.abs().max()

@@ -78,6 +78,9 @@ def test_export_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys) -> No
     assert main([str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a ParaDySe checkpoint" in err[0]
+    (tmp_path / "nothing" / "config.json").write_text("{}")  # an HF folder, given without hf:
+    assert main([str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
+    assert f"write hf:{tmp_path / 'nothing'} to re-export it" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -28,7 +28,7 @@ from paradyse.model import DecoderModel, ModelConfig
 from parallel_lib import all_gather_tokens
 
 from .config import hf_config_from_model
-from .files import SAFETENSORS_INDEX, HFError, open_pretrained
+from .files import SAFETENSORS_INDEX, HFError, read_config
 from .load import EMBEDDING, HEAD, LAYER_NAMES, NORM, hf_name, source_of
 
 __all__ = ["export_model", "export_checkpoint", "hf_tensors", "write_folder", "main"]
@@ -136,7 +136,7 @@ def _base_config(init: str) -> dict[str, Any] | None:
     if not init:
         return None
     try:
-        return open_pretrained(source_of(init)).config
+        return read_config(source_of(init))
     except HFError:
         return None  # the source moved since training: the shape alone still describes it
 
@@ -198,6 +198,9 @@ def read_checkpoint_model(checkpoint: str | os.PathLike) -> tuple[ModelConfig, d
 
     from paradyse.checkpoint import MANIFEST, CheckpointError, SafeReader, find_checkpoint, verify
 
+    if (Path(checkpoint) / "config.json").is_file():
+        raise HFError(f"{checkpoint} is a Hugging Face folder, not a ParaDySe checkpoint: write "
+                      f"hf:{checkpoint} to re-export it")  # fmt: skip
     try:
         directory = find_checkpoint(checkpoint, flag="checkpoint")
         manifest = json.loads((directory / MANIFEST).read_text())

@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["HFError", "Pretrained", "open_pretrained", "packaged_gguf", "SAFETENSORS_INDEX"]
+__all__ = [
+    "HFError",
+    "Pretrained",
+    "open_pretrained",
+    "packaged_gguf",
+    "read_config",
+    "SAFETENSORS_INDEX",
+]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -143,26 +150,52 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def _gguf_reader():
+    try:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    except ImportError as error:
+        raise HFError(f"reading a GGUF file needs transformers and gguf ({error}): "
+                      "pip install -e '.[hf]'") from None  # fmt: skip
+    return load_gguf_checkpoint
+
+
+def _gguf_failure(file: Path, error: Exception) -> HFError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return HFError(f"{file} is not a GGUF model transformers can read "
+                   f"({type(error).__name__}: {first[:200]})")  # fmt: skip
+
+
+def _gguf_config(file: Path):
+    """The transformers config of a GGUF file, from its metadata alone (no tensor is read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**_gguf_reader()(str(file))["config"])
+    except (ValueError, KeyError, OSError, RuntimeError) as error:
+        raise _gguf_failure(file, error) from None
+
+
 def _read_gguf(file: Path) -> WholeStateDict:
     """A GGUF file through transformers' reader: its config, then every tensor dequantised and
     renamed to the Hugging Face names (the reader undoes llama.cpp's Q/K row permutation)."""
+    from transformers import AutoModelForCausalLM
+
+    config = _gguf_config(file)
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    except ImportError as error:
-        raise HFError(f"reading {file} needs transformers and gguf ({error}): "
-                      "pip install -e '.[hf]'") from None  # fmt: skip
-    try:
-        parsed = load_gguf_checkpoint(str(file))
-        config = AutoConfig.for_model(**parsed["config"])
         with torch.device("meta"):  # only names and shapes, nothing allocated
             skeleton = AutoModelForCausalLM.from_config(config)
-        tensors = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=skeleton)
+        tensors = _gguf_reader()(str(file), return_tensors=True, model_to_load=skeleton)
     except (ValueError, KeyError, OSError, RuntimeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise HFError(f"{file} is not a GGUF model transformers can read "
-                      f"({type(error).__name__}: {first[:200]})") from None  # fmt: skip
+        raise _gguf_failure(file, error) from None
     return WholeStateDict(file, config.to_dict(), tensors["tensors"])
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config.json dict of a model folder, or a GGUF file's config, reading no tensor."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_config(path).to_dict()
+    return _read_config(path)
 
 
 def open_pretrained(path: str | os.PathLike, *, whole: bool = False) -> Pretrained:
