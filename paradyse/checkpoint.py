@@ -34,10 +34,21 @@ from parallel_lib.mesh import rank0_value
 
 from .integration import Stateful
 
-__all__ = ["CheckpointError", "Checkpointer", "checked_checkpoint", "find_checkpoint", "MANIFEST"]
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "checked_checkpoint",
+    "find_checkpoint",
+    "first_start",
+    "saved_model",
+    "MANIFEST",
+]
 
 MANIFEST = "paradyse.json"
 FORMAT = "paradyse-checkpoint-2"
+PROVENANCE = ("init",)
+"""Model keys that say where the first weights came from, not what the model is: a resume
+does not compare them (the weights come from the checkpoint)."""
 
 
 class CheckpointError(ValueError):
@@ -199,6 +210,37 @@ def checked_checkpoint(path: str | Path, describe: dict[str, Any], mesh) -> Path
 # ---------------------------------------------------------------- files
 
 
+def first_start(train, mesh) -> bool:
+    """`train.resume` equal to `train.save` with nothing saved there yet (rank 0 looks): the
+    first start of a job that resumes itself after failures (torchrun --max-restarts)."""
+    if not train.save or Path(train.resume) != Path(train.save):
+        return False
+    empty = None
+    if mesh.rank == 0:
+        root = Path(train.resume)
+        empty = not (root / "latest").is_file() and not (root / MANIFEST).is_file()
+    return bool(rank0_value(empty, mesh.device))
+
+
+def saved_model(path: str | Path, mesh):
+    """The `ModelConfig` of the checkpoint `path` names (rank 0 reads its manifest), or None
+    if it cannot be read (the resume's own checks then say why)."""
+    from .model import ModelConfig
+
+    saved = None
+    if mesh.rank == 0:
+        try:
+            directory = find_checkpoint(path)
+            saved = json.loads((directory / MANIFEST).read_text())["model"]
+        except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+            saved = None
+    saved = rank0_value(saved, mesh.device)
+    try:
+        return None if saved is None else ModelConfig(**saved)
+    except (TypeError, ValueError):
+        return None
+
+
 def find_checkpoint(path: str | Path, flag: str = "--resume") -> Path:
     """`path` itself when it holds a manifest, else the checkpoint its `latest` names; errors
     name the path as the `flag` that gave it."""
@@ -234,9 +276,11 @@ def verify(directory: Path, describe: dict[str, Any]) -> dict:
                 f"checkpoint {directory} is corrupt: {name} differs from when it was written "
                 "(truncated or changed); resume from an earlier checkpoint"
             )
-    model = describe["model"]
-    if manifest["model"] != model:
-        changed = sorted(k for k in model if manifest["model"].get(k) != model[k])
+    model = json.loads(json.dumps(describe["model"]))  # as the manifest holds it (lists)
+    changed = sorted(
+        k for k in model if k not in PROVENANCE and manifest["model"].get(k) != model[k]
+    )
+    if changed:
         raise CheckpointError(
             f"checkpoint {directory} is of another model shape (model.{', model.'.join(changed)} "
             "differ): resume with the config it was written with"

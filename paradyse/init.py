@@ -9,6 +9,7 @@ whose message is one line."""
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import fields, replace
 from typing import Any
 
@@ -19,7 +20,7 @@ from parallel_lib import CommGroup
 from .config import Config
 from .model import DecoderModel, ModelConfig
 
-__all__ = ["InitError", "with_pretrained_shape", "build_model", "INIT_SCHEMES"]
+__all__ = ["InitError", "with_pretrained_shape", "model_source", "build_model", "INIT_SCHEMES"]
 
 INIT_SCHEMES = {"hf": "integrations.hf"}
 """model.init's scheme -> the integration that reads it."""
@@ -49,6 +50,8 @@ def with_pretrained_shape(config: Config) -> tuple[Config, Any]:
     init = config.model.init
     if not init:
         return config, None
+    scheme, _, path = init.partition(":")
+    init = f"{scheme}:{os.path.abspath(path)}" if path else init  # recorded for export
     try:
         model, source = _initialiser(init).pretrained_model_config(init)
     except ValueError as error:  # InitError, or the integration's one-line errors
@@ -66,6 +69,19 @@ def with_pretrained_shape(config: Config) -> tuple[Config, Any]:
         raise InitError(f"{init} sets the model's shape, but the config also sets "
                         f"{', '.join(clashes)}: remove those keys")  # fmt: skip
     return replace(config, model=model), source
+
+
+def model_source(config: Config, mesh, *, resuming: bool) -> tuple[Config, Any]:
+    """`with_pretrained_shape`, except when resuming a run that started from `model.init`: the
+    shape then comes from the checkpoint's manifest (the weights come from the checkpoint), so
+    the source is neither read nor needed any more."""
+    if config.model.init and resuming:
+        from .checkpoint import saved_model
+
+        saved = saved_model(config.train.resume, mesh)
+        if saved is not None:
+            return replace(config, model=saved), None
+    return with_pretrained_shape(config)
 
 
 def build_model(

@@ -22,12 +22,12 @@ from cost_models import Hardware, Profile, detect
 from parallel_lib import Mesh, init_mesh, pad_length, rank0_value
 from planners import InfeasibleError, Planner, PlanningSetup, format_bytes
 
-from .checkpoint import MANIFEST, Checkpointer, CheckpointError, checked_checkpoint
+from .checkpoint import Checkpointer, CheckpointError, checked_checkpoint, first_start
 from .checkpoint_state import ModelState, OptimizerState, TrainProgress, device_mesh_of
 from .config import Config
 from .data import DataError, GlobalBatches, assign_to_dp, micro_batches, open_source
 from .engine import Engine, LayerHooks, OptimizerWrapper, StepResult
-from .init import InitError, build_model, with_pretrained_shape
+from .init import InitError, build_model, model_source
 from .integration import Integration, IntegrationError, RunContext, plug_in
 from .metrics import MetricsWriter, Progress, step_record, summary_lines
 from .model import DecoderModel
@@ -64,13 +64,11 @@ class Trainer:
         log=print,
         warn=None,
     ) -> None:
-        self.log = log
+        self.config, self.log = config, log
         self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
-        try:
-            self.config, self.pretrained = with_pretrained_shape(config)
-        except InitError as error:
-            raise RunError(str(error)) from None
         self.mesh = self._mesh(mesh)
+        self.config, self.pretrained = self._model_source()
+        self._check_split()
         resume_from = self._checkpoint_to_resume()  # checked before the slow set-up
         self.dtype = getattr(torch, config.train.dtype)
         self.batches = self._data()
@@ -101,16 +99,26 @@ class Trainer:
             raise RunError(str(error)) from None
 
     def _mesh(self, mesh: Mesh | None) -> Mesh:
-        """The given mesh, or one from the torchrun environment; the model must split over sp."""
+        """The given mesh, or one from the torchrun environment."""
         if mesh is None:
             try:
                 mesh = init_mesh(self.config.parallel.sp or None)
             except ValueError as error:
                 raise RunError(f"parallel.sp: {error}") from None
-        problem = self.config.model.sp_problem(mesh.sp)
-        if problem:
-            raise RunError(f"the model cannot be split over sp={mesh.sp}: {problem}")
         return mesh
+
+    def _model_source(self):
+        """The config with the model's shape from `model.init` (`paradyse.init.model_source`)."""
+        resuming = bool(self.config.train.resume) and not first_start(self.config.train, self.mesh)
+        try:
+            return model_source(self.config, self.mesh, resuming=resuming)
+        except InitError as error:
+            raise RunError(str(error)) from None
+
+    def _check_split(self) -> None:
+        problem = self.config.model.sp_problem(self.mesh.sp)
+        if problem:
+            raise RunError(f"the model cannot be split over sp={self.mesh.sp}: {problem}")
 
     def _data(self) -> GlobalBatches:
         """The data source and its stream of global batches."""
@@ -142,24 +150,12 @@ class Trainer:
         """The verified checkpoint --resume names, or None (no --resume, or the first start of
         a self-resuming job); RunError, one line, if it is unusable."""
         train = self.config.train
-        if not train.resume or self._first_start():
+        if not train.resume or first_start(self.config.train, self.mesh):
             return None
         try:
             return checked_checkpoint(train.resume, self._describe(), self.mesh)
         except CheckpointError as error:
             raise RunError(str(error)) from None
-
-    def _first_start(self) -> bool:
-        """--resume DIR with --save DIR and nothing saved there yet (rank 0 looks): the first
-        start of a job that resumes itself after failures (torchrun --max-restarts)."""
-        train = self.config.train
-        if not train.save or Path(train.resume) != Path(train.save):
-            return False
-        empty = None
-        if self.mesh.rank == 0:
-            root = Path(train.resume)
-            empty = not (root / "latest").is_file() and not (root / MANIFEST).is_file()
-        return bool(rank0_value(empty, self.mesh.device))
 
     def _metrics_writer(self) -> MetricsWriter:
         """Rank 0 opens train.metrics now, so a bad path fails before any work (on every rank)."""

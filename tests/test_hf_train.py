@@ -184,3 +184,45 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_one_line(tmp_path, capsys) ->
     assert len(lines) == 1, lines
     assert f"has {len(VOCAB)} tokens but the model's vocab is 16" in lines[0]
     assert "the model's own tokenizer" in lines[0]
+
+
+def test_export_replaces_a_model_folder_and_nothing_else(tmp_path, capsys) -> None:
+    folder = tmp_path / "hf"
+    tiny_llama(str(folder), tied=True)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    assert main([f"hf:{folder}", str(precious)]) == 2
+    assert "is not a model folder an export may replace" in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "out"
+    assert main([f"hf:{folder}", str(out)]) == 0
+    assert main([f"hf:{folder}", str(out), "--dtype", "bfloat16"]) == 0  # a model folder: replaced
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert not (tmp_path / "out.old").exists() and not (tmp_path / "out.partial").exists()
+    (tmp_path / "file").write_text("")
+    assert main([f"hf:{folder}", str(tmp_path / "file" / "out")]) == 2
+    assert "cannot write" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _resume_on_rank(init: str, save: str, steps: int) -> list[float]:
+    overrides = [*RUN, f"model.init={init}", f"train.steps={steps}", f"train.save={save}",
+                 f"train.resume={save}"]  # fmt: skip
+    trainer = Trainer(load_config(None, overrides), mesh=mesh_for(2), log=lambda *_: None)
+    return [r["loss"] for r in trainer.run()]
+
+
+def test_resume_a_run_that_started_from_hf_without_its_source(tmp_path) -> None:
+    """Llama 3 scaling survives the manifest, and the weights come from the checkpoint: the
+    source may be gone. Two steps, then two more, equal four in one go."""
+    import shutil
+
+    from .hf_cases import LLAMA3
+
+    folder = tmp_path / "hf"
+    tiny_llama(str(folder), tied=False, rope_scaling=LLAMA3)
+    once = run_distributed(2, _resume_on_rank, f"hf:{folder}", str(tmp_path / "once"), 4)[0]
+    first = run_distributed(2, _resume_on_rank, f"hf:{folder}", str(tmp_path / "twice"), 2)[0]
+    shutil.move(folder, tmp_path / "moved")
+    rest = run_distributed(2, _resume_on_rank, f"hf:{folder}", str(tmp_path / "twice"), 4)[0]
+    assert first + rest == pytest.approx(once, rel=1e-5)

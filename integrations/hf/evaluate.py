@@ -35,6 +35,9 @@ def load(model_dir: str | Path) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model_dir = Path(model_dir)
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise SystemExit(f"{model_dir} has no tokenizer: export it with --tokenizer PATH")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.chat_template is None:
         raise SystemExit(f"{model_dir}: the tokenizer has no chat template; export it with one")

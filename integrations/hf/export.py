@@ -31,7 +31,7 @@ from .config import hf_config_from_model
 from .files import SAFETENSORS_INDEX, HFError, read_config
 from .load import EMBEDDING, HEAD, LAYER_NAMES, NORM, hf_name, source_of
 
-__all__ = ["export_model", "export_checkpoint", "hf_tensors", "write_folder", "main"]
+__all__ = ["export_model", "export_checkpoint", "hf_tensors", "write_folder", "check_out", "main"]
 
 TRANSPOSED = {"wo": "wo_t", "w_down": "w_down_t"}
 """Whole weights a checkpoint stores transposed (their shards are columns of the HF weight)."""
@@ -105,10 +105,31 @@ def write_folder(
     (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(partial))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    check_out(out)
+    if out.exists():  # swap: the old model stays whole until the new one is in place
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, out)
     return out
+
+
+def check_out(out: str | os.PathLike) -> None:
+    """OUT must be new, or a model folder to replace (config.json, no checkpoint in it): an
+    export never deletes anything else."""
+    out = Path(out)
+    if not out.exists():
+        return
+    from paradyse.checkpoint import MANIFEST
+
+    model_folder = out.is_dir() and (out / "config.json").is_file()
+    holds_runs = any((out / name).exists() for name in (MANIFEST, "latest"))
+    if not model_folder or holds_runs:
+        raise HFError(f"{out} exists and is not a model folder an export may replace: choose a "
+                      "new output folder or remove it")  # fmt: skip
 
 
 @torch.no_grad()
@@ -137,8 +158,10 @@ def _base_config(init: str) -> dict[str, Any] | None:
         return None
     try:
         return read_config(source_of(init))
-    except HFError:
-        return None  # the source moved since training: the shape alone still describes it
+    except HFError as error:  # the source moved since training: the shape still describes it
+        print(f"warning: {error}; config.json gets the model's shape only (no token ids)",
+              file=sys.stderr)  # fmt: skip
+        return None
 
 
 def _tokenizer(path: str | None):
@@ -173,7 +196,11 @@ def _write(out, whole, config: ModelConfig, dtype, tokenizer, shard_bytes: int) 
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     hf_config = hf_config_from_model(config, _base_config(config.init))
-    tokenizer = _tokenizer(tokenizer or _tokenizer_of(config.init))
+    tokenizer = tokenizer or _tokenizer_of(config.init)
+    if tokenizer is None and config.init:
+        print(f"warning: no tokenizer is written ({config.init} has none or is gone): pass "
+              "--tokenizer PATH", file=sys.stderr)  # fmt: skip
+    tokenizer = _tokenizer(tokenizer)
     return write_folder(out, tensors, hf_config, tokenizer=tokenizer, shard_bytes=shard_bytes)
 
 
@@ -284,12 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {"dtype": DTYPES[args.dtype], "tokenizer": args.tokenizer}
     try:
         kwargs["shard_bytes"] = parse_bytes(args.shard_size, "--shard-size")
+        check_out(args.out)  # before any slow reading
         if args.checkpoint.startswith("hf:"):
             out = _export_pretrained(args.checkpoint, args.out, **kwargs)
         else:
             out = export_checkpoint(args.checkpoint, args.out, **kwargs)
     except (HFError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the output folder cannot be written
+        print(f"error: cannot write {args.out}: {error.strerror or error}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0
