@@ -96,6 +96,11 @@ def integration_module(name: str) -> ModuleType:
     module = importlib.import_module(f"{PACKAGE}.{name}")
     options = getattr(module, "Options", None)
     if not (dataclasses.is_dataclass(options) and callable(getattr(module, "plug_in", None))):
+        configured_by = getattr(module, "CONFIGURED_BY", None)  # e.g. hf: model.init
+        if configured_by:
+            raise IntegrationError(
+                f"integrations.{name} takes no [integrations.{name}] table: set {configured_by}"
+            )
         raise IntegrationError(
             f"integrations.{name} is not an integration: it must define an Options dataclass "
             "and plug_in(options, run)"

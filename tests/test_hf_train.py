@@ -226,3 +226,10 @@ def test_resume_a_run_that_started_from_hf_without_its_source(tmp_path) -> None:
     shutil.move(folder, tmp_path / "moved")
     rest = run_distributed(2, _resume_on_rank, f"hf:{folder}", str(tmp_path / "twice"), 4)[0]
     assert first + rest == pytest.approx(once, rel=1e-5)
+
+
+def test_an_integrations_hf_table_points_to_model_init() -> None:
+    from paradyse.config import ConfigError
+
+    with pytest.raises(ConfigError, match="takes no \\[integrations.hf\\] table: set model.init"):
+        load_config(None, ["integrations.hf.path=x"])

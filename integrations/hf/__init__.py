@@ -7,7 +7,11 @@ from .config import hf_config_from_model, model_config_from_hf
 from .files import HFError, Pretrained, open_pretrained
 from .load import load_pretrained, pretrained_model_config
 
+CONFIGURED_BY = 'model.init = "hf:PATH" (or --init hf:PATH)'
+"""How a run turns this package on (it is no [integrations.NAME] table)."""
+
 __all__ = [
+    "CONFIGURED_BY",
     "HFError",
     "Pretrained",
     "hf_config_from_model",
