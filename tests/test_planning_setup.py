@@ -150,3 +150,23 @@ def test_offloaded_optimizer_state_leaves_the_static_memory() -> None:
     assert full - planner.step_static_bytes == 2 * setup.static.layer_moments > 0
     with pytest.raises(ValueError, match=r"frozen layers \[7\] outside"):
         planner.set_step(frozen=[7])
+
+
+def test_tied_embeddings_are_planned_as_one_weight() -> None:
+    """The static memory counts a tied model's embedding and head once, as the model holds
+    them (its parameters, counted here, are the reference)."""
+    import dataclasses
+
+    from paradyse import DecoderModel
+    from parallel_lib import CommGroup
+
+    untied = load_config(CONFIG).model
+    tied = dataclasses.replace(untied, tie_embeddings=True)
+    hardware = get_preset("a100-80g-nvlink")
+    per_rank = {}
+    for model in (untied, tied):
+        setup = PlanningSetup(model, hardware, sp=1, dtype="float32")
+        params = sum(p.numel() for p in DecoderModel(model, CommGroup.single()).parameters())
+        assert setup.static.weights == 4 * params
+        per_rank[model.tie_embeddings] = setup.static.weights
+    assert per_rank[False] - per_rank[True] == 4 * untied.vocab * untied.hidden
