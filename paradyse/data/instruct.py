@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
+from .files import corpus_files, read_line
 from .tokenizers import Tokenizer
 
 __all__ = ["InstructCorpus", "encode_record", "target_count"]
@@ -174,25 +175,14 @@ class InstructCorpus:
     def tokens(self, i: int) -> np.ndarray:
         f, offset, lineno = self._docs[i]
         file = self.files[f]
-        with open(file, "rb") as handle:
-            handle.seek(offset)
-            line = handle.readline()
-        tokens = self._encode(line, file, lineno)
+        tokens = self._encode(read_line(file, offset), file, lineno)
         if len(tokens) != self._lengths[i]:
             raise DataError(f"{file} changed while the corpus was open: restart the run")
         return tokens
 
 
 def _jsonl_files(path: str) -> list[str]:
-    if not os.path.isdir(path):
-        return [path]
-    found = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-        for filename in filenames:
-            if filename.endswith(".jsonl"):
-                file = os.path.join(dirpath, filename)
-                found.append((os.path.relpath(file, path).replace(os.sep, "/"), file))
-    if not found:
+    files = corpus_files(path, (".jsonl",))
+    if not files:
         raise DataError(f"no .jsonl files under {path!r}: set data.path to a .jsonl file")
-    return [file for _, file in sorted(found)]
+    return files

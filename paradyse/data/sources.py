@@ -11,12 +11,11 @@ from typing import Protocol
 import numpy as np
 
 from .errors import DataError, check_int
+from .files import corpus_files, read_line
 from .instruct import InstructCorpus
 from .tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
 
 SOURCES = ("stdlib", "files", "instruct", "synthetic")
-TEXT_SUFFIXES = (".jsonl", ".txt", ".md", ".py")
-"""The files a directory corpus reads (.jsonl one document a line, the others whole)."""
 
 
 class Source(Protocol):
@@ -99,7 +98,7 @@ class FileCorpus:
                 f"data path {path!r} does not exist: set data.path to a .jsonl or text file "
                 "or a directory"
             )
-        self.files = _corpus_files(path)
+        self.files = corpus_files(path)
         self._docs: list[tuple[int, int, int]] = []  # (file index, line's offset or -1, line)
         lengths: list[int] = []
         for f, file in enumerate(self.files):
@@ -169,26 +168,11 @@ class FileCorpus:
         if offset < 0:
             tokens = _encode_bytes(self.tokenizer, _read(file))
         else:
-            with open(file, "rb") as handle:
-                handle.seek(offset)
-                line = handle.readline()
+            line = read_line(file, offset)
             tokens = np.asarray(self.tokenizer.encode(self._parse(line, file, lineno)), np.int64)
         if len(tokens) != self._lengths[i]:
             raise DataError(f"{file} changed while the corpus was open: restart the run")
         return tokens
-
-
-def _corpus_files(path: str) -> list[str]:
-    if not os.path.isdir(path):
-        return [path]
-    found = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-        for filename in filenames:
-            if filename.endswith(TEXT_SUFFIXES):
-                file = os.path.join(dirpath, filename)
-                found.append((os.path.relpath(file, path).replace(os.sep, "/"), file))
-    return [file for _, file in sorted(found)]
 
 
 def _encode_bytes(tokenizer: Tokenizer, data: bytes) -> np.ndarray:
