@@ -58,6 +58,19 @@ class OptimizerWrapper:
         """Where layer `index`'s optimizer state stays between steps; None: with its weights."""
         return None
 
+    def updates(self, step: int) -> bool:
+        """False: `step` computes the trainable layers' gradients and their norms (in the
+        StepResult) but updates no weight and no optimizer state (GRASS's probing steps)."""
+        return True
+
+    def forget_state(self, index: int, trainable: bool) -> bool:
+        """True: drop layer `index`'s optimizer state after this step (BAdam's reset of a layer
+        leaving the trained set); it starts afresh when the layer next trains."""
+        return False
+
+    def after_step(self, result: StepResult) -> None:
+        """Called on every rank with every step's result (its per-layer gradient norms)."""
+
 
 @dataclass
 class MicroBatchResult:
@@ -94,6 +107,8 @@ class StepResult:
     predicted_peak_bytes: int
     """The planner's predicted peak of the most loaded rank (static + saved + transient)."""
     micro_batches: list[MicroBatchResult] = field(default_factory=list)
+    updated: bool = True
+    """False for a step the optimizer wrapper made gradient-only (`OptimizerWrapper.updates`)."""
 
 
 class Engine:
@@ -253,12 +268,15 @@ class Engine:
             for mb in micro_batches:
                 results.append(self.forward_backward(mb, loss_tokens))
                 memory.next_micro_batch()
-            grad_norm, lr, layer_norms = self._update(trainable)
+            updates = self.wrapper.updates(self.step_index)
+            grad_norm, lr, layer_norms = self._update(trainable, updates)
         step_s = time.perf_counter() - start
         self._place_states(trainable)
         result = self._reduce_metrics(results, loss_tokens, grad_norm, lr, step_s,
                                       memory.peak_bytes, layer_norms)  # fmt: skip
+        result.updated = updates
         self.step_index += 1
+        self.wrapper.after_step(result)
         return result
 
     def _set_trainable(self) -> list[bool]:
@@ -297,9 +315,12 @@ class Engine:
         ]  # fmt: skip
         self.planner.set_step(frozen=frozen, offloaded=offloaded)
 
-    def _update(self, trainable: list[bool]) -> tuple[float, float, list[float | None]]:
-        """Reduce gradients, clip by the global norm, step AdamW, zero gradients. Returns the
-        global gradient norm, the learning rate and every layer's gradient norm."""
+    def _update(
+        self, trainable: list[bool], updates: bool = True
+    ) -> tuple[float, float, list[float | None]]:
+        """Reduce gradients, clip by the global norm, step AdamW (unless not `updates`), zero
+        gradients. Returns the global gradient norm, the learning rate (0 without an update) and
+        every layer's gradient norm."""
         pairs = zip(self.unit_layers, self.optimizers, trainable, strict=True)
         chosen = [(owner, opt) for owner, opt, t in pairs if t]
         owners, active = [o for o, _ in chosen], [opt for _, opt in chosen]
@@ -312,7 +333,7 @@ class Engine:
         for owner, norm in zip(owners, squares.sum(dim=1).sqrt().tolist(), strict=True):
             if owner is not None:
                 by_layer[owner] = norm
-        if not math.isfinite(grad_norm):  # every rank sees the same norm: all skip together
+        if not (updates and math.isfinite(grad_norm)):  # every rank agrees: all skip together
             for unit in self.units:
                 unit.zero_grad()
             return grad_norm, 0.0, by_layer
@@ -344,6 +365,8 @@ class Engine:
         for owner, opt, flag in zip(self.unit_layers, self.optimizers, trainable, strict=True):
             if owner is None:
                 continue
+            if self.wrapper.forget_state(owner, flag):
+                opt.forget_state()
             device = self.wrapper.state_device(owner, flag)
             if device is not None:
                 opt.state_to(torch.device(device))

@@ -295,6 +295,11 @@ class UnitOptimizer:
                 if isinstance(value, Tensor) and value.device != device and value.dim() > 0:
                     state[key] = value.to(device)
 
+    def forget_state(self) -> None:
+        """Drop the AdamW state (moments and step counts); the next step starts it afresh."""
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+
     def state_off_device(self) -> bool:
         """Whether this unit's AdamW moments exist and are kept away from its weights' device
         (moved by `state_to`); a unit without state yet counts as on the device."""
