@@ -24,6 +24,8 @@ from .sharding import is_sharded
 __all__ = ["ModelState", "OptimizerState", "TrainProgress", "logical_parts", "device_mesh_of"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+HOST = "host"
+"""A unit's optimizer state parked in host memory (`paradyse.offload`)."""
 
 
 def logical_parts(model: nn.Module, P: int) -> dict[int, list[tuple[str, int, int, int | None]]]:
@@ -142,8 +144,8 @@ class OptimizerState(_WholeTensors):
             for which in MOMENTS:
                 flat = torch.zeros(unit.data.numel(), dtype=torch.float32, device=unit.data.device)
                 if opt.optimizer is not None:
-                    for param, piece in zip(opt.optim_params, opt.pieces, strict=True):
-                        moment = opt.optimizer.state.get(param)  # none yet: the zeros stand
+                    for index, piece in enumerate(opt.pieces):
+                        moment = opt.moments(index)  # none yet: the zeros stand
                         if moment:
                             flat[piece.start : piece.stop] = moment[which]
                 if opt.sharded:
@@ -171,6 +173,9 @@ class OptimizerState(_WholeTensors):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        for opt in self.optimizers:  # parked state comes back, to be overwritten like the rest
+            if opt.optimizer is not None:
+                opt.host.restore(opt.optimizer, opt.optim_params)
         flats, views = self._flats()
         self.copy_into(views, state)
         steps = {id(opt): int(n) for opt, n in zip(self.optimizers, state["step"], strict=True)}
@@ -186,23 +191,29 @@ class OptimizerState(_WholeTensors):
                 moment[which].copy_(flat[piece.start : piece.stop])
                 moment["step"].fill_(steps[id(opt)])
         for opt, device in zip(self.optimizers, state["offloaded"], strict=True):
-            if device:
+            if device == HOST:
+                opt.park_state()
+            elif device:
                 opt.state_to(torch.device(device))
 
     @staticmethod
     def _adam_step(opt: UnitOptimizer) -> int:
         """The unit's AdamW step count (0 before its first step; every slice steps together)."""
         if opt.optimizer is not None:
-            for state in opt.optimizer.state.values():
+            for index in range(len(opt.optim_params)):
+                state = opt.moments(index)
                 if state:
                     return int(state["step"])
         return 0
 
 
 def _offload_device(opt: UnitOptimizer) -> str:
-    """Where the unit's moments are kept when that is not with its weights, else ''."""
+    """Where the unit's moments are kept when that is not with its weights, else '': 'host'
+    when parked (`UnitOptimizer.park_state`)."""
     if not opt.state_off_device():
         return ""
+    if opt.host:
+        return HOST
     moment = next(v for s in opt.optimizer.state.values() for v in s.values() if v.dim() > 0)
     return str(moment.device)
 

@@ -27,49 +27,9 @@ from planners import Option, Plan, Planner
 from .batch import PackedBatch
 from .memory import PeakMemory
 from .optim import FlatUnit, OptimConfig, UnitOptimizer, learning_rate, reduce_replicated
+from .seams import LayerHooks, OptimizerWrapper
 
 __all__ = ["Engine", "LayerHooks", "OptimizerWrapper", "StepResult", "MicroBatchResult"]
-
-
-class LayerHooks:
-    """Callbacks around every switchable layer; override what you need. `index` is the layer's
-    position in `model.switchable_layers()`."""
-
-    def before_forward(self, index: int, x: Tensor, batch: PackedBatch) -> None:
-        """Called with the layer's input (T/P, H) before it runs."""
-
-    def after_forward(self, index: int, y: Tensor, batch: PackedBatch) -> Tensor | None:
-        """Called with the layer's output; return a tensor to replace it (same shape), or None."""
-
-    def after_backward(self, index: int, grads: dict[str, Tensor]) -> None:
-        """Called once the micro-batch's gradients of the layer's trainable parameters are
-        computed, with those gradients (this micro-batch's contribution, before any reduction)."""
-
-
-class OptimizerWrapper:
-    """Which layers train in a step and where their optimizer state lives (GRASS's seam)."""
-
-    def trainable_layers(self, step: int, layers: int) -> Sequence[int] | None:
-        """Indices of the layers that train in `step`; None: all of them. Layers left out get
-        no weight gradients and no update."""
-        return None
-
-    def state_device(self, index: int, trainable: bool) -> torch.device | str | None:
-        """Where layer `index`'s optimizer state stays between steps; None: with its weights."""
-        return None
-
-    def updates(self, step: int) -> bool:
-        """False: `step` computes the trainable layers' gradients and their norms (in the
-        StepResult) but updates no weight and no optimizer state (GRASS's probing steps)."""
-        return True
-
-    def forget_state(self, index: int, trainable: bool) -> bool:
-        """True: drop layer `index`'s optimizer state after this step (BAdam's reset of a layer
-        leaving the trained set); it starts afresh when the layer next trains."""
-        return False
-
-    def after_step(self, result: StepResult) -> None:
-        """Called on every rank with every step's result (its per-layer gradient norms)."""
 
 
 @dataclass
@@ -340,7 +300,9 @@ class Engine:
         clip = self.optim_config.grad_clip
         scale = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
         lr = learning_rate(self.optim_config, self.step_index, self.total_steps)
-        for opt in active:
+        for k, opt in enumerate(active):
+            if k + 1 < len(active):
+                active[k + 1].prefetch_state()  # overlaps this step on CUDA
             opt.step(lr, scale)
         for unit in self.units:
             unit.zero_grad()
@@ -368,7 +330,11 @@ class Engine:
             if self.wrapper.forget_state(owner, flag):
                 opt.forget_state()
             device = self.wrapper.state_device(owner, flag)
-            if device is not None:
+            if device is None:
+                continue
+            if torch.device(device).type == "cpu":
+                opt.park_state()  # host memory (pinned on CUDA); on a CPU run too, by the same path
+            else:
                 opt.state_to(torch.device(device))
 
     def _reduce_metrics(self, results, loss_tokens, grad_norm, lr, step_s, peak,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from parallel_lib import CommGroup, all_gather_dim0, all_reduce_, reduce_scatter_dim0
 
+from .offload import HostStore, state_bytes
 from .sharding import is_sharded
 
 __all__ = [
@@ -206,6 +207,8 @@ class UnitOptimizer:
             decay = config.weight_decay if piece.decay else 0.0
             groups.append({"params": [nn.Parameter(view)], "weight_decay": decay})
         self.optim_params = [g["params"][0] for g in groups]
+        self.host = HostStore(self.master.device)
+        """This unit's AdamW state while the optimizer wrapper parks it in host memory."""
         # a ZeRO-1 slice may hold only padding: no optimizer, but the collectives still run
         self.optimizer = (
             torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=True)
@@ -269,6 +272,7 @@ class UnitOptimizer:
                 param.grad = g * scale if scale != 1.0 else g
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            self.host.restore(self.optimizer, self.optim_params)  # parked: back first
             self.state_to(self.master.device)  # back from where the wrapper kept it, if elsewhere
             self.optimizer.step()
             for param in self.optim_params:
@@ -299,12 +303,37 @@ class UnitOptimizer:
         """Drop the AdamW state (moments and step counts); the next step starts it afresh."""
         if self.optimizer is not None:
             self.optimizer.state.clear()
+        self.host.forget()
+
+    def park_state(self) -> None:
+        """Move the AdamW state into host memory (`paradyse.offload.HostStore`); the next step
+        (or `prefetch_state`) brings it back."""
+        if self.optimizer is not None:
+            self.host.park(self.optimizer, self.optim_params)
+
+    def prefetch_state(self) -> None:
+        """Start bringing parked state back (overlapped on CUDA; in order on CPU)."""
+        self.host.prefetch()
+
+    def moments(self, index: int) -> dict[str, Tensor] | None:
+        """The AdamW state of optimizer parameter `index`, wherever it is kept; None before the
+        unit's first step."""
+        if self.optimizer is None:
+            return None
+        return self.optimizer.state.get(self.optim_params[index]) or self.host.moments(index)
+
+    def state_bytes(self) -> tuple[int, int]:
+        """Bytes of AdamW state (held by the optimizer on the device, parked in host memory)."""
+        held = state_bytes(self.optimizer.state.values()) if self.optimizer is not None else 0
+        return held, self.host.bytes
 
     def state_off_device(self) -> bool:
         """Whether this unit's AdamW moments exist and are kept away from its weights' device
         (moved by `state_to`); a unit without state yet counts as on the device."""
         if self.optimizer is None:
             return False
+        if self.host:
+            return True
         master = self.master.device
         return any(
             value.device != master
