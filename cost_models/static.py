@@ -31,6 +31,9 @@ class StaticMemory:
     layer_moments: int = 0
     """Of `optimizer`, one switchable layer's AdamW moments: what an optimizer wrapper may keep
     off the device while the layer is frozen (master weights stay with the parameters)."""
+    layer_gradients: int = 0
+    """Of `gradients`, one switchable layer's gradient buffer, which the engine frees while
+    the layer is frozen."""
 
     @property
     def total(self) -> int:
@@ -65,6 +68,7 @@ def static_memory(
         gradients=params * b,
         optimizer=optimizer,
         layer_moments=per_layer * moments // shards,
+        layer_gradients=per_layer * b,
     )
 
 

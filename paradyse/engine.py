@@ -66,6 +66,9 @@ class StepResult:
     """Measured peak of the most loaded rank (0 when not measured)."""
     predicted_peak_bytes: int
     """The planner's predicted peak of the most loaded rank (static + saved + transient)."""
+    optimizer_state_bytes: int = 0
+    """AdamW state the optimizers hold on the device after the step (the most loaded rank);
+    state parked in host memory is not counted."""
     micro_batches: list[MicroBatchResult] = field(default_factory=list)
     updated: bool = True
     """False for a step the optimizer wrapper made gradient-only (`OptimizerWrapper.updates`)."""
@@ -269,9 +272,11 @@ class Engine:
         memory the optimizer state the wrapper keeps off the device."""
         trained = {o for o, t in zip(self.unit_layers, trainable, strict=True) if t}
         frozen = [i for i in range(len(self.layers)) if i not in trained]
+        # off the device: parked or elsewhere, or a frozen layer that holds none (never stepped)
+        units = zip(self.unit_layers, self.optimizers, trainable, strict=True)
         offloaded = [
-            owner for owner, opt in zip(self.unit_layers, self.optimizers, strict=True)
-            if owner is not None and opt.state_off_device()
+            owner for owner, opt, t in units
+            if owner is not None and (opt.state_off_device() or not (t or opt.state_bytes()[0]))
         ]  # fmt: skip
         self.planner.set_step(frozen=frozen, offloaded=offloaded)
 
@@ -345,7 +350,8 @@ class Engine:
         predicted_peak = max((r.plan.predicted_peak_bytes for r in results), default=0)
         kw = {"dtype": torch.float64, "device": mesh.device}  # nccl reduces device tensors only
         total = torch.tensor([loss_sum], **kw)
-        worst = torch.tensor([step_s, predicted_s, peak, predicted_peak], **kw)
+        held = sum(opt.state_bytes()[0] for opt in self.optimizers)
+        worst = torch.tensor([step_s, predicted_s, peak, predicted_peak, held], **kw)
         if mesh.world > 1:
             dist.all_reduce(total)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -361,5 +367,6 @@ class Engine:
             predicted_s=float(worst[1]),
             peak_bytes=int(worst[2]),
             predicted_peak_bytes=int(worst[3]),
+            optimizer_state_bytes=int(worst[4]),
             micro_batches=results,
         )

@@ -3,7 +3,8 @@
 Record fields (DESIGN 9, a contract): step, loss, tokens, seq_lens, plan, predicted_s, step_s,
 predicted_peak_bytes, peak_bytes, tokens_per_s; and lr, grad_norm, layer_grad_norms (per
 switchable layer, null when frozen), skipped (a non-finite gradient norm: no update),
-loss_tokens, split,
+updated (false for a gradient-only step), optimizer_state_bytes (AdamW state held on the
+device, most loaded rank), loss_tokens, split,
 budget_bytes, micro_batches ([{seq_lens, plan, predicted_s, predicted_peak_bytes}] of rank 0's
 dp group). `plan` joins the micro-batches' plans with " ; ".
 """
@@ -41,6 +42,8 @@ def step_record(result: StepResult, seq_lens: list[int], split: int, budget: flo
         "grad_norm": result.grad_norm,
         "layer_grad_norms": result.layer_grad_norms,
         "skipped": result.skipped,
+        "updated": result.updated,
+        "optimizer_state_bytes": result.optimizer_state_bytes,
         "loss_tokens": result.loss_tokens,
         "split": split,
         "budget_bytes": int(budget),

@@ -138,8 +138,24 @@ class FlatUnit:
         return (runs[0].start, runs[-1].stop) if runs else (self.numel, self.numel)
 
     def set_trainable(self, trainable: bool) -> None:
+        """Turn the unit's gradients on or off; a frozen unit frees its gradient buffer (the
+        planner leaves it out of a step's static memory) and gets a zeroed one back."""
+        if trainable and self.grad.numel() != self.data.numel():
+            self.grad = torch.zeros_like(self.data)
+            self._point_grads()
+        elif not trainable and self.grad.numel():
+            for p in self.params:
+                p.grad = None
+            self.grad = self.grad.new_empty(0)
         for p in self.params:
             p.requires_grad_(trainable)
+
+    def _point_grads(self) -> None:
+        """Every parameter's .grad as its view of the flat gradient buffer."""
+        offset = 0
+        for p in self.params:
+            p.grad = self.grad[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
 
     def zero_grad(self) -> None:
         self.grad.zero_()

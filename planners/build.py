@@ -117,5 +117,6 @@ class PlanningSetup:
         return Planner(
             self.costs, self.budget, static_bytes=self.static_bytes,
             offloadable_bytes=[self.static.layer_moments] * self.model.layers,
+            frozen_bytes=[self.static.layer_gradients] * self.model.layers,
             method=method, hysteresis=hysteresis,
         )  # fmt: skip

@@ -82,7 +82,9 @@ class Planner:
     static_bytes: weights, gradients and optimizer state per rank (`cost_models.static_memory`
     plus what every micro-batch holds besides its layers), subtracted from the budget.
     offloadable_bytes: per layer, the part of static_bytes that is its optimizer state, which
-    leaves the device while an optimizer wrapper keeps it elsewhere (`set_step`). method: a
+    leaves the device while an optimizer wrapper keeps it elsewhere (`set_step`).
+    frozen_bytes: per layer, the part of static_bytes that is its gradient buffer, freed while
+    the layer is frozen. method: a
     `Method` or its string ("exact", "paradyse", "static:NAME"; see `planners.METHODS`)."""
 
     def __init__(
@@ -92,6 +94,7 @@ class Planner:
         *,
         static_bytes: int = 0,
         offloadable_bytes: Sequence[int] = (),
+        frozen_bytes: Sequence[int] = (),
         method: str | Method = "exact",
         hysteresis: float = HYSTERESIS,
     ) -> None:
@@ -101,11 +104,11 @@ class Planner:
         self.costs, self.hysteresis = costs, hysteresis
         self.budget_bytes, self.static_bytes = float(budget_bytes), int(static_bytes)
         self.offloadable_bytes = tuple(int(b) for b in offloadable_bytes) or (0,) * costs.layers
-        if len(self.offloadable_bytes) != costs.layers:
-            raise ValueError(
-                f"offloadable_bytes has {len(self.offloadable_bytes)} entries for "
-                f"{costs.layers} layers"
-            )
+        self.frozen_bytes = tuple(int(b) for b in frozen_bytes) or (0,) * costs.layers
+        for name, values in (("offloadable_bytes", self.offloadable_bytes),
+                             ("frozen_bytes", self.frozen_bytes)):  # fmt: skip
+            if len(values) != costs.layers:
+                raise ValueError(f"{name} has {len(values)} entries for {costs.layers} layers")
         self.labels = [o.name for o in costs.options]
         if self.method.static:
             self.method.columns(self.labels)  # ValueError, one line, for an option not here
@@ -126,8 +129,10 @@ class Planner:
 
     @property
     def step_static_bytes(self) -> int:
-        """The static bytes of this step: less the optimizer state that is off the device."""
-        return self.static_bytes - sum(self.offloadable_bytes[i] for i in self.offloaded)
+        """The static bytes of this step: less the optimizer state that is off the device and
+        the gradient buffers of the frozen layers (the engine frees them)."""
+        away = sum(self.offloadable_bytes[i] for i in self.offloaded)
+        return self.static_bytes - away - sum(self.frozen_bytes[i] for i in self.frozen)
 
     @property
     def options(self) -> list[Option]:

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 
 from paradyse import ConfigError, LayerHooks, OptimizerWrapper, Trainer, is_sharded, load_config
-from paradyse.optim import UnitOptimizer
 from parallel_lib import all_gather_dim0
 
 from .harness import REPO_ROOT, run_distributed
@@ -165,29 +164,41 @@ def test_a_bad_integrations_table_is_one_clear_line(tmp_path) -> None:
     assert len(lines) == 1 and "count 9 exceeds the model's 4 layers" in lines[0], run.stderr
 
 
-class FirstLayerOnly(OptimizerWrapper):
+class AllThenFirst(OptimizerWrapper):
+    """Every layer trains in step 0, only layer 0 afterwards; frozen state parked or kept."""
+
+    def __init__(self, park: bool) -> None:
+        self.park = park
+
     def trainable_layers(self, step, layers):
-        return [0]
+        return None if step == 0 else [0]
 
     def state_device(self, index, trainable):
-        return None if trainable else "cpu"
+        return "cpu" if self.park and not trainable else None
 
 
-def test_the_engine_tells_the_planner_its_frozen_and_offloaded_layers(monkeypatch) -> None:
-    """Frozen layers are priced as frozen; optimizer state off the device leaves the static
-    memory (on a CPU run nothing is ever off the device, so `state_off_device` is stood in)."""
-    trainer = Trainer(load_config(None, [*TINY, "train.steps=2"]), mesh=mesh_for(1),
-                      optimizer_wrapper=FirstLayerOnly(), log=lambda *_: None)  # fmt: skip
-    planner = trainer.planner
+@pytest.mark.parametrize("park", [True, False])
+def test_the_engine_tells_the_planner_its_frozen_and_offloaded_layers(park) -> None:
+    """Frozen layers are priced as frozen and their freed gradient buffers leave the static
+    memory; so does optimizer state parked in host memory (and a frozen layer's that was never
+    made), while state a frozen layer keeps on the device stays counted."""
+    trainer = Trainer(load_config(None, [*TINY, "train.steps=3"]), mesh=mesh_for(1),
+                      optimizer_wrapper=AllThenFirst(park), log=lambda *_: None)  # fmt: skip
+    planner, static = trainer.planner, trainer.setup.static
     trainer.train_step()
+    assert planner.frozen == frozenset() and planner.offloaded == frozenset()
+    trainer.train_step()  # step 1: frozen layers still hold their state (parked at its end)
     assert planner.frozen == {1, 2} and planner.offloaded == frozenset()
-    away = {"layer1", "layer2"}
-    monkeypatch.setattr(UnitOptimizer, "state_off_device", lambda opt: opt.unit.name in away)
     record = trainer.train_step()
-    assert planner.frozen == {1, 2} and planner.offloaded == {1, 2}
-    moments = trainer.setup.static.layer_moments
-    assert planner.step_static_bytes == planner.static_bytes - 2 * moments > 0
+    assert planner.frozen == {1, 2}
+    assert planner.offloaded == ({1, 2} if park else frozenset())
+    away = 2 * static.layer_gradients + (2 * static.layer_moments if park else 0)
+    assert planner.step_static_bytes == planner.static_bytes - away > 0
+    held = [opt.state_bytes() for opt in trainer.engine.optimizers]
+    assert all((on == 0) == (park and i in (1, 2)) for i, (on, _) in enumerate(held))
     assert record["layer_grad_norms"][1:] == [None, None] and record["layer_grad_norms"][0] > 0
+    assert record["optimizer_state_bytes"] == sum(on for on, _ in held)
+    moments = static.layer_moments
     lens = record["micro_batches"][0]["seq_lens"]
     fresh = trainer.setup.planner(hysteresis=0.0)  # the device's memory: room for any plan
     fresh.set_step(frozen=[1, 2])

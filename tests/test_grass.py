@@ -292,11 +292,12 @@ def test_bad_options_exit_2_with_one_line(capsys, option: str, names: str) -> No
 
 # ---------------------------------------------------------------- 8. reset_state
 def _moments(trainer: Trainer) -> dict[int, dict]:
-    """Per layer, its AdamW state (copied): {param index: {key: tensor}}."""
+    """Per layer, its AdamW state (copied) wherever it is kept, held or parked:
+    {param index: {key: tensor}}."""
     engine = trainer.engine
     return {
-        owner: {k: {n: v.clone() for n, v in s.items()}
-                for k, s in enumerate(opt.optimizer.state.values())}
+        owner: {k: {n: v.clone() for n, v in opt.moments(k).items()}
+                for k in range(len(opt.optim_params)) if opt.moments(k)}
         for owner, opt in zip(engine.unit_layers, engine.optimizers, strict=True)
         if owner is not None
     }  # fmt: skip
