@@ -138,7 +138,9 @@ def longest_lengths(args: argparse.Namespace, config) -> dict[str, int]:
     setup = exact_setup(run_setup(config, sp=sp, dp=args.nproc // sp, hardware=detect()))
     planner, layers = setup.planner("exact"), config.model.layers
     grass = config.integrations["grass"]
-    frozen = list(range(min(grass.gamma, layers), layers))
+    if grass.gamma > layers:
+        raise ValueError(f"--gamma {grass.gamma} exceeds the model's {layers} layers")
+    frozen = list(range(grass.gamma, layers))
     out = {}
     for mode in args.modes:
         if mode == "full":
