@@ -31,6 +31,7 @@ setup(
         "planners",
         "integrations",
         "integrations.hf",
+        "integrations.grass",
     ],
     # torch is pinned by constraints.txt in `make setup`; a bare `torch` here would let pip pull a
     # multi-GB CUDA build on machines where the CPU wheel is the one wanted.
