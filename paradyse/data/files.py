@@ -1,10 +1,15 @@
-"""Files of a corpus folder, and a line of a file read at its offset (stdlib only)."""
+"""Files of a corpus folder, a line of a file read at its offset, and a JSON line parsed
+(stdlib only)."""
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
-__all__ = ["TEXT_SUFFIXES", "corpus_files", "read_line"]
+from .errors import DataError
+
+__all__ = ["TEXT_SUFFIXES", "corpus_files", "parse_json_line", "read_line"]
 
 TEXT_SUFFIXES = (".jsonl", ".txt", ".md", ".py")
 """The files a directory corpus reads (.jsonl one document a line, the others whole)."""
@@ -30,3 +35,12 @@ def read_line(file: str, offset: int) -> bytes:
     with open(file, "rb") as handle:
         handle.seek(offset)
         return handle.readline()
+
+
+def parse_json_line(line: bytes, where: str) -> Any:
+    """The JSON value of one line of a .jsonl file; DataError, one line naming `where`."""
+    try:
+        return json.loads(line)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise DataError(f"{where} is not JSON ({reason}): fix or remove that line") from None

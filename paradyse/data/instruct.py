@@ -15,7 +15,6 @@ reads it back (input `id`, no target) and `target_count` counts what carries los
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
-from .files import corpus_files, read_line
+from .files import corpus_files, parse_json_line, read_line
 from .tokenizers import Tokenizer
 
 __all__ = ["InstructCorpus", "encode_record", "target_count"]
@@ -159,12 +158,7 @@ class InstructCorpus:
 
     def _encode(self, line: bytes, file: str, lineno: int) -> np.ndarray:
         where = f"{file} line {lineno}"
-        try:
-            record = json.loads(line)
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-            reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-            raise DataError(f"{where} is not JSON ({reason}): fix or remove that line") from None
-        return encode_record(self.tokenizer, record, where)
+        return encode_record(self.tokenizer, parse_json_line(line, where), where)
 
     def __len__(self) -> int:
         return len(self._docs)

@@ -3,7 +3,6 @@ files, or with synthetic lengths; `open_source` opens the one the data config na
 
 from __future__ import annotations
 
-import json
 import os
 import sysconfig
 from typing import Protocol
@@ -11,7 +10,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import DataError, check_int
-from .files import corpus_files, read_line
+from .files import corpus_files, parse_json_line, read_line
 from .instruct import InstructCorpus
 from .tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -136,13 +135,7 @@ class FileCorpus:
         return docs
 
     def _parse(self, line: bytes, file: str, lineno: int) -> str:
-        try:
-            record = json.loads(line)
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-            reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-            raise DataError(
-                f"{file} line {lineno} is not JSON ({reason}): fix or remove that line"
-            ) from None
+        record = parse_json_line(line, f"{file} line {lineno}")
         if not isinstance(record, dict) or self.field not in record:
             raise DataError(
                 f"{file} line {lineno} has no {self.field!r} field: set data.field to the key "
