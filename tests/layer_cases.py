@@ -108,3 +108,11 @@ def problem(mesh, lens: list[int], dtype: torch.dtype = torch.float32):
     batch = PackedBatch.pack(tokens, mesh.sp, mesh.sp_rank)
     x = torch.randn(batch.local_tokens, SHAPE.hidden, dtype=dtype, requires_grad=True)
     return batch, x, torch.randn(batch.local_tokens, SHAPE.hidden, dtype=dtype)
+
+
+class RankStandIn:
+    """A stand-in group: rank `rank` of `size`, for building one rank's shards without
+    processes (nothing communicates while a model is built or loaded)."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        self.rank, self.size = rank, size

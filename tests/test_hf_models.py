@@ -19,7 +19,7 @@ from parallel_lib import CommGroup  # noqa: E402
 
 from .harness import run_distributed  # noqa: E402
 from .hf_cases import LLAMA3, hf_logits, tiny_llama, tokens  # noqa: E402
-from .layer_cases import mesh_for, supported  # noqa: E402
+from .layer_cases import RankStandIn, mesh_for, supported  # noqa: E402
 
 CASES = {"untied-llama3": {"tied": False, "rope_scaling": LLAMA3}, "tied": {"tied": True}}
 
@@ -118,13 +118,6 @@ def test_tied_model_holds_one_shared_parameter(models) -> None:
     )
 
 
-class _Rank:
-    """A stand-in group (rank of size) for one rank's load without processes."""
-
-    def __init__(self, rank: int, size: int) -> None:
-        self.rank, self.size, self.pg = rank, size, None
-
-
 class _CountingSource:
     """Wraps a source and counts the elements each read returns."""
 
@@ -149,7 +142,7 @@ def test_each_rank_reads_only_its_own_slices(models) -> None:
     for P in (1, 2, 4):
         for rank in range(P):
             counting = _CountingSource(source)
-            model = DecoderModel(config, _Rank(rank, P), random_init=False)
+            model = DecoderModel(config, RankStandIn(rank, P), random_init=False)
             load_pretrained(model, counting)
             assert counting.elements == sharded // P + replicated, (P, rank)
 

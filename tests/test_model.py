@@ -14,7 +14,7 @@ from paradyse.reference import _rms_norm
 from parallel_lib import CommGroup, all_reduce_
 
 from .harness import run_distributed
-from .layer_cases import assert_close, mesh_for, supported
+from .layer_cases import RankStandIn, assert_close, mesh_for, supported
 
 CONFIG = ModelConfig(hidden=64, heads=8, kv_heads=4, head_dim=16, ffn_hidden=128, layers=3,
                      vocab=64)  # fmt: skip
@@ -128,19 +128,14 @@ def test_weights_do_not_depend_on_the_group_size() -> None:
     assert not torch.equal(other.embedding.weight, whole["embedding"])
     again = DecoderModel(CONFIG, CommGroup.single(), seed=SEED, dtype=torch.float64)
     assert torch.equal(again.head.weight, whole["head"])
-    shards = [DecoderModel(CONFIG, _Rank(r, 4), seed=SEED, dtype=torch.float64) for r in range(4)]
+    shards = [
+        DecoderModel(CONFIG, RankStandIn(r, 4), seed=SEED, dtype=torch.float64) for r in range(4)
+    ]
     assert torch.equal(torch.cat([m.embedding.weight for m in shards]), whole["embedding"])
     for i, layer in enumerate(whole["layers"]):
         got = paradyse.full_from_shards([m.layers[i].shard_tensors() for m in shards], CONFIG.shape)
         for key, tensor in layer.items():
             assert torch.equal(got[key], tensor), (i, key)
-
-
-class _Rank:
-    """A stand-in group of `size` for building one rank's shards without processes."""
-
-    def __init__(self, rank: int, size: int) -> None:
-        self.rank, self.size = rank, size
 
 
 def test_sp_problems_name_what_to_change() -> None:
