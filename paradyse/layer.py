@@ -22,7 +22,8 @@ from parallel_lib import (
 )
 
 from .mlp import DenseMLP, LogicalPart
-from .reference import init_full_weights
+from .moe import MoeMLP, moe_full_weights
+from .reference import DENSE_MLP_NAMES, init_full_weights
 from .sharding import mark_sharded
 
 __all__ = ["SwitchableDecoderLayer", "shard_full_weights", "full_from_shards"]
@@ -48,7 +49,7 @@ def shard_full_weights(
     replicated. Works for gradients too."""
     hq, hk = _head_rows(shape, P)
     q, kv = slice(rank * hq, (rank + 1) * hq), slice(rank * hk, (rank + 1) * hk)
-    mlp = mlp.shards_of(full, shape, P, rank)
+    mlp = mlp.shards_of(full, shape, P, rank)  # the MLP module (or its class, if static)
     return {
         "attn_norm": full["attn_norm"],
         "attn_qkv": torch.cat([full["wq"][q], full["wk"][kv], full["wv"][kv]]),
@@ -87,7 +88,8 @@ class SwitchableDecoderLayer(nn.Module):
     `reduce_replicated_grads` (once per step) before the optimizer. Weights are initialised from
     `seed` as whole weights and then sharded, so every group size starts from the same layer
     (or left uninitialised with `random_init=False`, for a loader to fill).
-    `mlp` is the MLP module's class (`paradyse.mlp`; the dense SwiGLU by default)."""
+    `moe` (a `parallel_lib.moe.MoeShape`) makes the MLP half a mixture of experts
+    (`paradyse.moe.MoeMLP`); None keeps the dense SwiGLU. `index` is the layer's position."""
 
     def __init__(
         self,
@@ -98,7 +100,8 @@ class SwitchableDecoderLayer(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         seed: int = 0,
-        mlp=DenseMLP,
+        moe=None,
+        index: int = 0,
         random_init: bool = True,
     ) -> None:
         super().__init__()
@@ -113,21 +116,31 @@ class SwitchableDecoderLayer(nn.Module):
         self.attn_qkv = mark_sharded(nn.Parameter(torch.empty(shape.qkv_rows(P), H, **kw)))
         self.attn_out = mark_sharded(nn.Parameter(torch.empty(shape.heads // P * d, H, **kw)))
         self.mlp_norm = nn.RMSNorm(H, eps=norm_eps, **kw)
-        self.mlp = mlp(shape, P, **kw)
+        self.index = index
+        """The layer's position in the model (what router hooks and metrics name it by)."""
+        if moe is None:
+            self.mlp = DenseMLP(shape, P, **kw)
+        else:
+            self.mlp = MoeMLP(shape, P, moe, layer=index, **kw)
         self._checked: set[tuple[str, int]] = set()
         self.strategy: str | Strategy = "local" if P == 1 else "tp_sp"
         """What forward() runs when the call names no strategy (the engine sets it per plan)."""
         self.recompute = "none"
         """The recompute mode forward() uses when the call names none."""
         if random_init:
-            self.load_full_weights(init_full_weights(shape, torch.Generator().manual_seed(seed)))
+            generator = torch.Generator().manual_seed(seed)
+            full = init_full_weights(shape, generator)
+            if moe is not None:
+                full = {k: v for k, v in full.items() if k not in DENSE_MLP_NAMES}
+                full |= moe_full_weights(shape, moe, generator)
+            self.load_full_weights(full)
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
     def load_full_weights(self, full: dict[str, Tensor]) -> None:
         """Copy this rank's shards out of whole weights (see `shard_full_weights`)."""
         shards = shard_full_weights(full, self.shape, self.group.size, self.group.rank,
-                                    type(self.mlp))  # fmt: skip
+                                    self.mlp)  # fmt: skip
         for name, value in self.shard_tensors().items():
             value.copy_(shards[name])
 
@@ -143,7 +156,7 @@ class SwitchableDecoderLayer(nn.Module):
         return {k: (p.grad if grads else p) for k, p in params.items()}
 
     def replicated_parameters(self) -> list[nn.Parameter]:
-        return [self.attn_norm.weight, self.mlp_norm.weight]
+        return [self.attn_norm.weight, self.mlp_norm.weight, *self.mlp.replicated_parameters()]
 
     def reduce_replicated_grads(self) -> None:
         """Sum the replicated norm weights' gradients over the group (in place)."""
@@ -166,13 +179,14 @@ class SwitchableDecoderLayer(nn.Module):
             parts[f"mlp.{name}"] = rows
         return parts
 
-    def weights(self) -> LayerWeights:
-        """What the layer step reads (views of the parameters, nothing copied)."""
+    def weights(self, batch=None) -> LayerWeights:
+        """What the layer step reads (views of the parameters, nothing copied); an MoE layer's
+        also carry the micro-batch's routing context when `batch` is given."""
         return LayerWeights(
             attn_norm=self.attn_norm.weight,
             attention=AttentionWeights(self.attn_qkv, self.attn_out, self.shape),
             mlp_norm=self.mlp_norm.weight,
-            mlp=self.mlp.weights(),
+            mlp=self.mlp.weights(batch),
             norm_eps=self.norm_eps,
             mlp_kind=self.mlp.kind,
         )
@@ -207,4 +221,6 @@ class SwitchableDecoderLayer(nn.Module):
         strategy = self.strategy if strategy is None else strategy
         recompute = self.recompute if recompute is None else recompute
         strat = self._strategy(strategy)
-        return decoder_layer_step(x, self.weights(), batch.layout, self.group, strat, recompute)
+        return decoder_layer_step(
+            x, self.weights(batch), batch.layout, self.group, strat, recompute
+        )

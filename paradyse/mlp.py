@@ -38,7 +38,7 @@ class DenseMLP(nn.Module):
         self.gate_up = mark_sharded(nn.Parameter(torch.empty(2 * f, shape.hidden, **kw)))
         self.down = mark_sharded(nn.Parameter(torch.empty(f, shape.hidden, **kw)))
 
-    def weights(self) -> MlpWeights:
+    def weights(self, batch=None) -> MlpWeights:
         return MlpWeights(self.gate_up, self.down, self.shape)
 
     @staticmethod
@@ -61,6 +61,9 @@ class DenseMLP(nn.Module):
             "w_up": torch.cat([t[f:] for t in gate_up]),
             "w_down": torch.cat([s["down"] for s in shards]).t(),
         }
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        return []
 
     def logical_parts(self, prefix: str) -> dict[str, list[LogicalPart]]:
         """Per parameter name: the logical whole tensors its rows belong to."""

@@ -20,6 +20,7 @@ from parallel_lib import CommGroup, LayerShape, all_gather_tokens, zero_linear
 
 from .batch import IGNORE_INDEX, PackedBatch
 from .layer import SwitchableDecoderLayer
+from .moe import MoeConfig, MoeRecorder
 from .sharding import is_sharded, mark_sharded
 
 __all__ = [
@@ -69,6 +70,8 @@ class ModelConfig:
     init: str = ""
     """Where the weights come from: '' draws them from train.seed; 'hf:PATH' loads a Hugging Face
     Llama-family folder or GGUF file (`integrations.hf`), whose config then sets the shape."""
+    moe: MoeConfig | None = None
+    """`[model.moe]`: mixture-of-experts MLPs (`paradyse.moe.MoeConfig`); None: all dense."""
 
     def __post_init__(self) -> None:
         for key in ("hidden", "heads", "kv_heads", "head_dim", "ffn_hidden", "layers", "vocab"):
@@ -93,7 +96,18 @@ class ModelConfig:
             raise ValueError(
                 f"model.init must be '' (random from train.seed) or 'hf:PATH', got {self.init!r}"
             )
+        if isinstance(self.moe, dict):  # from a checkpoint's manifest or a plain dict
+            object.__setattr__(self, "moe", MoeConfig.from_table(self.moe))
+        if self.moe is not None and self.moe.first_dense_layers > self.layers:
+            raise ValueError(
+                f"model.moe.first_dense_layers ({self.moe.first_dense_layers}) exceeds "
+                f"model.layers ({self.layers})"
+            )
         self.shape  # noqa: B018  (validates heads, kv_heads, head_dim, rope_scaling)
+
+    def moe_layer(self, index: int) -> bool:
+        """Whether layer `index` has the mixture-of-experts MLP."""
+        return self.moe is not None and index >= self.moe.first_dense_layers
 
     @property
     def shape(self) -> LayerShape:
@@ -112,6 +126,10 @@ class ModelConfig:
         problem = self.shape.layout_problem(sp)
         if problem:
             return problem
+        if self.moe is not None and self.moe.first_dense_layers < self.layers:
+            problem = self.moe.shape.layout_problem(sp)
+            if problem:
+                return problem
         if self.vocab % sp:
             sizes = [p for p in self.shape.valid_group_sizes() if self.vocab % p == 0]
             fix = "" if self.init else " or set model.vocab to a multiple of sp"
@@ -202,12 +220,24 @@ class DecoderModel(nn.Module):
         kw = {"dtype": dtype, "device": device, "random_init": random_init}
         H, V = config.hidden, config.vocab
         self.embedding = VocabParallelEmbedding(V, H, group, seed=layer_seed(seed, -1), **kw)
+        moe = config.moe.shape if config.moe is not None else None
         self.layers = nn.ModuleList(
             SwitchableDecoderLayer(
-                config.shape, group, norm_eps=config.norm_eps, seed=layer_seed(seed, i), **kw
-            )
+                config.shape,
+                group,
+                norm_eps=config.norm_eps,
+                seed=layer_seed(seed, i),
+                moe=moe if config.moe_layer(i) else None,
+                index=i,
+                **kw,
+            )  # fmt: skip
             for i in range(config.layers)
         )
+        self.moe_recorder = MoeRecorder()
+        """The MoE layers' auxiliary losses and expert loads of the last forward."""
+        for layer in self.layers:
+            if config.moe_layer(layer.index):
+                layer.mlp.recorder = self.moe_recorder
         self.norm = nn.RMSNorm(H, eps=config.norm_eps, dtype=dtype, device=device)
         tied = config.tie_embeddings
         head_kw = {**kw, "random_init": random_init and not tied}
@@ -227,4 +257,19 @@ class DecoderModel(nn.Module):
         return self.head(self.norm(x))
 
     def forward(self, batch: PackedBatch) -> Tensor:
-        return token_loss_sum(self.logits(batch), batch)
+        """The summed token loss of this rank's local tokens (MoE layers record their auxiliary
+        losses on the side: `auxiliary_loss()`)."""
+        recorder = self.moe_recorder
+        recorder.clear()
+        recorder.active = True
+        try:
+            return token_loss_sum(self.logits(batch), batch)
+        finally:
+            recorder.active = False  # a recomputation in the backward records nothing
+
+    def auxiliary_loss(self) -> Tensor | None:
+        """The MoE layers' summed balance and z-loss terms of the last forward (with their
+        graph), to add to the summed token loss before dividing by the step's loss tokens;
+        None for a dense model."""
+        losses = self.moe_recorder.losses
+        return torch.stack(losses).sum() if losses else None

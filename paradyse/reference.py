@@ -17,7 +17,8 @@ from parallel_lib import LayerShape
 
 __all__ = ["ReferenceDecoderLayer", "init_full_weights", "FULL_WEIGHT_NAMES"]
 
-FULL_WEIGHT_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+DENSE_MLP_NAMES = ("w_gate", "w_up", "w_down")
+FULL_WEIGHT_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", *DENSE_MLP_NAMES)
 
 
 def init_full_weights(

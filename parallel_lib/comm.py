@@ -7,6 +7,8 @@ Every helper returns its input unchanged when the group has one rank.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -20,6 +22,8 @@ __all__ = [
     "all_gather_dim0",
     "reduce_scatter_dim0",
     "all_reduce_",
+    "all_to_all_uneven",
+    "exchange_counts",
 ]
 
 
@@ -73,6 +77,28 @@ def _all_to_all(x: Tensor, group: CommGroup, scatter_dim: int, gather_dim: int) 
     group.monitor.record("all_to_all", (P - 1) * _nbytes(send) // P)
     dist.all_to_all_single(recv, send, group=group.pg)
     return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+def _all_to_all_rows(x: Tensor, send: list[int], recv: list[int], group: CommGroup) -> Tensor:
+    """Rows [sum(send[:j]), sum(send[:j+1])) of x to rank j; rows from rank i land in order."""
+    x = x.contiguous()
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    row = x.element_size() * math.prod(x.shape[1:])
+    group.monitor.record("all_to_all", (sum(send) - send[group.rank]) * row)
+    dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group.pg)
+    return out
+
+
+def exchange_counts(counts: Tensor, group: CommGroup) -> Tensor:
+    """(P, ...) int64 counts, row j meant for rank j -> (P, ...), row i from rank i (no
+    autograd): how many rows an uneven all-to-all will bring from each rank."""
+    if group.size == 1:
+        return counts
+    counts = counts.contiguous()
+    out = torch.empty_like(counts)
+    group.monitor.record("all_to_all", (group.size - 1) * _nbytes(counts[0]))
+    dist.all_to_all_single(out, counts, group=group.pg)
+    return out
 
 
 def all_reduce_(x: Tensor, group: CommGroup) -> Tensor:
@@ -134,6 +160,21 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(grad, ctx.group, gather_dim, scatter_dim), None, None, None
 
 
+class _AllToAllRows(torch.autograd.Function):
+    """forward: uneven all-to-all of rows (send[j] rows to rank j, recv[i] from rank i);
+    backward: the same collective with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group: CommGroup) -> Tensor:
+        ctx.group, ctx.splits = group, (send, recv)
+        return _all_to_all_rows(x, send, recv, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        send, recv = ctx.splits
+        return _all_to_all_rows(grad, recv, send, ctx.group), None, None, None
+
+
 # ---------------------------------------------------------------- public wrappers
 
 
@@ -162,3 +203,11 @@ def all_to_all(x: Tensor, group: CommGroup, scatter_dim: int, gather_dim: int) -
     if group.size == 1:
         return x
     return _AllToAll.apply(x, group, scatter_dim, gather_dim)
+
+
+def all_to_all_uneven(x: Tensor, send: list[int], recv: list[int], group: CommGroup) -> Tensor:
+    """Rows to ranks in uneven counts (expert parallelism): x (sum(send), ...) -> (sum(recv), ...);
+    `recv` from `exchange_counts`. forward: all-to-all, backward: the swapped all-to-all."""
+    if group.size == 1:
+        return x
+    return _AllToAllRows.apply(x, list(send), list(recv), group)
