@@ -23,8 +23,8 @@ Columns:
 - peak MiB: the highest measured peak_bytes of a step on the most loaded rank (only with
   --measure-memory, which sets train.measure_memory and slows CPU steps about 2x); pred. MiB:
   the planner's predicted_peak_bytes, always there.
-- optimizer state: shown only when the metrics carry `optimizer_state_bytes` (device-resident
-  AdamW state); today they do not, so the column is left out.
+- optimizer state: the highest `optimizer_state_bytes` of the metrics (AdamW state held on the
+  device after a step, most loaded rank; state parked in host memory is not counted).
 - longest@BUDGET: the longest single sequence the exact planner fits in --budget per rank,
   computed in this process without training: every layer trained (full), or gamma layers
   trained and the others frozen, their AdamW moments off the device when offload is on (the
@@ -57,7 +57,7 @@ NAMES = {"full": "full", "uniform": "LISA", "static": "static GRASS", "grass": "
 """integrations.grass.mode -> the method's name in the table."""
 ALIASES = {"lisa": "uniform"}
 OPTIMIZER_STATE_FIELD = "optimizer_state_bytes"
-"""The metrics field of device-resident optimizer state, when the engine reports it."""
+"""The metrics field of device-resident optimizer state (absent from records of older runs)."""
 ROOT = Path(__file__).resolve().parents[1]
 
 
