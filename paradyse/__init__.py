@@ -23,6 +23,7 @@ from .model import (
     mark_sharded,
     token_loss_sum,
 )
+from .moe import MoeConfig, MoeMLP
 from .optim import OptimConfig
 from .planning import run_setup
 from .reference import ReferenceDecoderLayer, init_full_weights
@@ -41,6 +42,8 @@ __all__ = [
     "Mesh",
     "MicroBatchResult",
     "ModelConfig",
+    "MoeConfig",
+    "MoeMLP",
     "OptimConfig",
     "OptimizerWrapper",
     "PackedBatch",

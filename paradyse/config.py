@@ -22,6 +22,7 @@ from planners import parse_bytes
 
 from .integration import IntegrationError, options_of
 from .model import ModelConfig
+from .moe import MoeConfig
 from .optim import OptimConfig
 
 __all__ = [
@@ -210,20 +211,32 @@ def _coerce(key: str, value: Any, kind) -> Any:
     raise ConfigError(f"{key} must be {_type_name(kind)}, got {value!r}")
 
 
+_NESTED = {("model", "moe"): MoeConfig}
+"""Sub-tables of a section: [model.moe] in TOML, --set model.moe.KEY=VALUE."""
+
+
 def _checked(name: str, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """The table's values typed as its section's fields; unknown sections and keys refused."""
+    """The table's values typed as its section's fields; unknown sections and keys refused.
+    A sub-table ([model.moe], or a key `moe.KEY`) stays a dict of raw values until the end."""
     if name not in _SECTIONS:
         known = ", ".join([*_SECTIONS, f"{INTEGRATIONS}.NAME"])
         raise ConfigError(f"unknown config section [{name}] in {where}; sections: {known}")
     if not isinstance(values, dict):
         raise ConfigError(f"[{name}] in {where} must be a table of keys")
     kinds = _field_types(type(_SECTIONS[name]()))
+    nested = {}
+    for key in list(values):
+        head, dot, rest = key.partition(".")
+        if (name, head) in _NESTED and (dot or isinstance(values[key], dict)):
+            table = {rest: values[key]} if dot else values[key]
+            nested.setdefault(head, {}).update(table)
+    values = {k: v for k, v in values.items() if k.partition(".")[0] not in nested}
     for key in values:
         if key not in kinds:
             raise ConfigError(
                 f"unknown config key {name}.{key} in {where}; keys of [{name}]: {', '.join(kinds)}"
             )
-    return {k: _coerce(f"{name}.{k}", v, kinds[k]) for k, v in values.items()}
+    return {k: _coerce(f"{name}.{k}", v, kinds[k]) for k, v in values.items()} | nested
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -259,12 +272,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             _add_integrations(integrations, {name: {option: value}}, f"--set {text}")
         else:
             checked = _checked(section, {key: value}, f"--set {text}")
-            tables[section].update(checked)
+            for head, table in checked.items():  # a sub-table's keys merge into it
+                nested = (section, head) in _NESTED and isinstance(table, dict)
+                if nested and isinstance(tables[section].get(head), dict):
+                    table = tables[section][head] | table
+                tables[section][head] = table
         sources.append(f"--set {section}.{key}")
     where = " + ".join(sources)
     sections = {}
     for name, values in tables.items():
         try:
+            for (section, head), kind in _NESTED.items():
+                if section == name and isinstance(values.get(head), dict):
+                    values[head] = kind.from_table(values[head], _coerce)
             sections[name] = type(_SECTIONS[name]())(**values)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{error} (config from {where})") from None

@@ -26,6 +26,7 @@ from planners import Option, Plan, Planner
 
 from .batch import PackedBatch
 from .memory import PeakMemory
+from .moe_metrics import MoeStepStats
 from .optim import FlatUnit, OptimConfig, UnitOptimizer, learning_rate, reduce_replicated
 from .seams import LayerHooks, OptimizerWrapper
 
@@ -72,6 +73,9 @@ class StepResult:
     micro_batches: list[MicroBatchResult] = field(default_factory=list)
     updated: bool = True
     """False for a step the optimizer wrapper made gradient-only (`OptimizerWrapper.updates`)."""
+    moe: dict | None = None
+    """MoE layers' expert loads, their entropy and auxiliary losses (`MoeStepStats.reduce`);
+    None for a dense model."""
 
 
 class Engine:
@@ -89,6 +93,7 @@ class Engine:
         total_steps: int,
         hooks: Sequence[LayerHooks] = (),
         optimizer_wrapper: OptimizerWrapper | None = None,
+        router_hook=None,
         measure_memory: bool = True,
     ) -> None:
         self.model, self.mesh, self.planner = model, mesh, planner
@@ -106,6 +111,9 @@ class Engine:
             UnitOptimizer(u, self.optim_config, sp_group=mesh.sp_group, dp_group=mesh.dp_group)
             for u in self.units
         ]
+        self.moe_stats = MoeStepStats(model)
+        if router_hook is not None:
+            self._install_router_hook(router_hook)
         self._strategies: dict[Option, Strategy] = {}
         self._pending: dict[int, object] = {}
         self._handles = []
@@ -117,6 +125,14 @@ class Engine:
                                                     with_kwargs=True),
                     layer.register_forward_hook(partial(self._after_layer, i), with_kwargs=True),
                 ]  # fmt: skip
+
+    def _install_router_hook(self, hook) -> None:
+        """Every MoE layer routes through `hook` (`parallel_lib.routing.RouterHook`)."""
+        moe = [layer for layer in self.layers if getattr(layer.mlp, "moe", None) is not None]
+        if not moe:
+            raise ValueError("a router hook needs a model with MoE layers: set [model.moe]")
+        for layer in moe:
+            layer.mlp.hook = hook
 
     def remove_hooks(self) -> None:
         """Detach the layer hooks from the model (e.g. before building another engine on it)."""
@@ -211,7 +227,10 @@ class Engine:
         plan = self.planner.plan(batch.seq_lens)
         self.apply(plan)
         loss_sum = self.model(batch)
-        (loss_sum / loss_tokens).backward()
+        auxiliary = getattr(self.model, "auxiliary_loss", lambda: None)()  # MoE balance, z-loss
+        total = loss_sum if auxiliary is None else loss_sum + auxiliary
+        (total / loss_tokens).backward()
+        self.moe_stats.add()
         return MicroBatchResult(batch.seq_lens, plan, float(loss_sum.detach()))
 
     def step(self, micro_batches: Sequence[Sequence[Sequence[int]]], loss_tokens: int):
@@ -355,6 +374,7 @@ class Engine:
         if mesh.world > 1:
             dist.all_reduce(total)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        moe = self.moe_stats.reduce(mesh.device, mesh.world, loss_tokens)
         return StepResult(
             step=self.step_index,
             loss=float(total[0]) / loss_tokens,
@@ -369,4 +389,5 @@ class Engine:
             predicted_peak_bytes=int(worst[3]),
             optimizer_state_bytes=int(worst[4]),
             micro_batches=results,
+            moe=moe,
         )

@@ -31,6 +31,7 @@ __all__ = [
     "RunContext",
     "Stateful",
     "available_integrations",
+    "engine_parts",
     "integration_module",
     "plug_in",
 ]
@@ -77,6 +78,8 @@ class Integration:
     """Which layers train in a step and where their optimizer state lives."""
     state: Stateful | None = None
     """Saved with every checkpoint and restored on resume."""
+    router_hook: Any = None
+    """Replaces the routing decision of every MoE layer (`parallel_lib.routing.RouterHook`)."""
 
 
 def available_integrations() -> list[str]:
@@ -138,3 +141,22 @@ def plug_in(integrations: Mapping[str, Any], run: RunContext) -> dict[str, Integ
             )
         plugged[name] = parts
     return plugged
+
+
+def engine_parts(
+    plugged: Mapping[str, Integration], hooks=(), optimizer_wrapper=None
+) -> tuple[list[LayerHooks], OptimizerWrapper | None, Any]:
+    """(every layer hook, the one optimizer wrapper, the one router hook) of the caller's parts
+    and the integrations'; two wrappers or two router hooks are an `IntegrationError`."""
+    wrappers = {n: i.optimizer_wrapper for n, i in plugged.items() if i.optimizer_wrapper}
+    if optimizer_wrapper is not None:
+        wrappers["the Trainer's optimizer_wrapper"] = optimizer_wrapper
+    if len(wrappers) > 1:
+        raise IntegrationError(
+            f"{' and '.join(wrappers)} both choose the trainable layers: turn one of them off"
+        )
+    routers = {n: i.router_hook for n, i in plugged.items() if i.router_hook is not None}
+    if len(routers) > 1:
+        raise IntegrationError(f"{' and '.join(routers)} both route the MoE layers: turn one off")
+    every_hook = [*hooks] + [h for i in plugged.values() for h in i.hooks]
+    return every_hook, next(iter(wrappers.values()), None), next(iter(routers.values()), None)

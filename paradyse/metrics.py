@@ -21,12 +21,14 @@ from typing import TextIO
 from planners import format_bytes
 
 from .engine import StepResult
+from .moe_metrics import load_entropy
 
 __all__ = ["step_record", "MetricsWriter", "Progress", "summary_lines", "relative_error"]
 
 
 def step_record(result: StepResult, seq_lens: list[int], split: int, budget: float) -> dict:
     tokens = sum(seq_lens)
+    moe = {"moe": result.moe} if result.moe is not None else {}
     return {
         "step": result.step,
         "loss": result.loss,
@@ -56,6 +58,7 @@ def step_record(result: StepResult, seq_lens: list[int], split: int, budget: flo
             }
             for m in result.micro_batches
         ],
+        **moe,
     }
 
 
@@ -152,4 +155,27 @@ def summary_lines(records: list[dict], budget: float, skipped_first: bool = True
         )
     else:
         lines.append("peak memory: not measured (train.measure_memory = false)")
+    return lines + _moe_lines(records)
+
+
+def _moe_lines(records: list[dict]) -> list[str]:
+    """Expert loads of the MoE layers over the run: per layer the entropy of its load summed over
+    every step (of log E when balanced), its least and most loaded expert, the last aux loss."""
+    with_moe = [r["moe"] for r in records if r.get("moe")]
+    if not with_moe:
+        return []
+    last = with_moe[-1]
+    lines = [
+        f"MoE: aux loss {with_moe[0]['aux_loss']:.4f} -> {last['aux_loss']:.4f}, z-loss "
+        f"{last['z_loss']:.4f}; expert load over the run (entropy of max "
+        f"{last['max_entropy']:.3f}):"
+    ]
+    for i, layer in enumerate(last["layers"]):
+        load = [sum(step["layers"][i]["load"][e] for step in with_moe)
+                for e in range(len(layer["load"]))]  # fmt: skip
+        idle = sum(1 for n in load if n == 0)
+        lines.append(
+            f"  layer {layer['layer']}: entropy {load_entropy(load):.3f}, tokens per expert "
+            f"{min(load)}..{max(load)}" + (f", {idle} experts never chosen" if idle else "")
+        )
     return lines

@@ -96,6 +96,8 @@ class ModelConfig:
             raise ValueError(
                 f"model.init must be '' (random from train.seed) or 'hf:PATH', got {self.init!r}"
             )
+        if isinstance(self.moe, str) and self.moe.lower() in ("", "none"):  # --set model.moe=
+            object.__setattr__(self, "moe", None)
         if isinstance(self.moe, dict):  # from a checkpoint's manifest or a plain dict
             object.__setattr__(self, "moe", MoeConfig.from_table(self.moe))
         if self.moe is not None and self.moe.first_dense_layers > self.layers:

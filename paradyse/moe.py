@@ -36,11 +36,12 @@ class MoeConfig:
     """Experts kept per token."""
     expert_ffn_hidden: int = 64
     """SwiGLU width of one routed expert."""
-    shared_ffn_hidden: int = 0
-    """Total SwiGLU width of the shared experts every token uses (0: none; a multiple of sp)."""
+    shared_experts: int = 0
+    """Shared experts every token uses, each of width expert_ffn_hidden (0: none); they run as
+    one dense SwiGLU of width shared_experts * expert_ffn_hidden (a multiple of sp)."""
     first_dense_layers: int = 0
     """The first layers keep the dense MLP (as DeepSeek's models do)."""
-    renormalize: bool = True
+    normalize_top_k: bool = True
     """Renormalise the kept top-k weights to sum to 1."""
     aux_loss_coef: float = 0.01
     """Load-balancing loss coefficient (per-sequence Switch/GShard form; 0: off)."""
@@ -48,16 +49,17 @@ class MoeConfig:
     """Router z-loss coefficient (0: off)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.first_dense_layers, int) or self.first_dense_layers < 0:
-            raise ValueError(
-                f"model.moe.first_dense_layers must be >= 0, got {self.first_dense_layers!r}"
-            )
+        for name in ("first_dense_layers", "shared_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"model.moe.{name} must be an integer >= 0, got {value!r}")
         self.shape  # noqa: B018  (validates the rest)
 
     @property
     def shape(self) -> MoeShape:
-        return MoeShape(self.experts, self.top_k, self.expert_ffn_hidden, self.shared_ffn_hidden,
-                        self.renormalize, self.aux_loss_coef, self.z_loss_coef)  # fmt: skip
+        shared = self.shared_experts * self.expert_ffn_hidden
+        return MoeShape(self.experts, self.top_k, self.expert_ffn_hidden, shared,
+                        self.normalize_top_k, self.aux_loss_coef, self.z_loss_coef)  # fmt: skip
 
     @classmethod
     def from_table(cls, table: dict, coerce=None) -> MoeConfig:

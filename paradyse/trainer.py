@@ -28,7 +28,7 @@ from .config import Config
 from .data import DataError, GlobalBatches, assign_to_dp, micro_batches, open_source
 from .engine import Engine, LayerHooks, OptimizerWrapper, StepResult
 from .init import InitError, build_model, model_source
-from .integration import Integration, IntegrationError, RunContext, plug_in
+from .integration import Integration, IntegrationError, RunContext, engine_parts, plug_in
 from .metrics import MetricsWriter, Progress, step_record, summary_lines
 from .model import DecoderModel
 from .planning import ADAPTIVE, exact_setup, resolve_profile, run_method, run_setup
@@ -232,23 +232,18 @@ class Trainer:
             raise RunError(str(error)) from None
 
     def _engine(self, hooks, optimizer_wrapper) -> Engine:
-        """The engine, with the caller's and the integrations' hooks and optimizer wrapper (one
-        wrapper at most: it alone decides which layers train)."""
-        wrappers = {name: i.optimizer_wrapper for name, i in self.integrations.items()
-                    if i.optimizer_wrapper is not None}  # fmt: skip
-        if optimizer_wrapper is not None:
-            wrappers["the Trainer's optimizer_wrapper"] = optimizer_wrapper
-        if len(wrappers) > 1:
-            raise RunError(
-                f"{' and '.join(wrappers)} both choose the trainable layers: turn one of them off"
-            )
-        every_hook = [*hooks] + [h for i in self.integrations.values() for h in i.hooks]
+        """The engine, with the caller's and the integrations' hooks, optimizer wrapper (one at
+        most: it alone decides which layers train) and router hook (one at most)."""
         config = self.config
-        return Engine(
-            self.model, self.mesh, self.planner, config.optim, total_steps=config.train.steps,
-            hooks=every_hook, optimizer_wrapper=next(iter(wrappers.values()), None),
-            measure_memory=config.train.measure_memory,
-        )  # fmt: skip
+        try:
+            hooks, wrapper, router = engine_parts(self.integrations, hooks, optimizer_wrapper)
+            return Engine(
+                self.model, self.mesh, self.planner, config.optim, total_steps=config.train.steps,
+                hooks=hooks, optimizer_wrapper=wrapper, router_hook=router,
+                measure_memory=config.train.measure_memory,
+            )  # fmt: skip
+        except (IntegrationError, ValueError) as error:
+            raise RunError(str(error)) from None
 
     def _checkpointer(self) -> Checkpointer | None:
         """The checkpointer over every stateful part, when the run saves or resumes."""

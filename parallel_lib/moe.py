@@ -88,8 +88,9 @@ class MoeShape:
             )
         if self.shared_ffn_hidden % P:
             return (
-                f"model.moe.shared_ffn_hidden ({self.shared_ffn_hidden}) is not divisible by the "
-                f"group size {P}; make it a multiple of {P}"
+                f"the shared experts' width ({self.shared_ffn_hidden}: model.moe.shared_experts x "
+                f"expert_ffn_hidden) is not divisible by the group size {P}; make it a multiple "
+                f"of {P}"
             )
         return None
 

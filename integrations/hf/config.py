@@ -81,6 +81,11 @@ def model_config_from_hf(hf: dict[str, Any], init: str, where: str = "config.jso
 def hf_config_from_model(config: ModelConfig, base: dict[str, Any] | None = None) -> dict:
     """A Llama config.json dict for `config`; fields of `base` (the source's config, e.g. its
     token ids and context length) are kept where the shape does not set them."""
+    if config.moe is not None:
+        raise HFError(
+            "the model has [model.moe] layers; integrations.hf exports Llama-family (dense) "
+            "models only, so an MoE checkpoint stays a ParaDySe checkpoint"
+        )
     out = dict(base or {})
     for key in (
         "_name_or_path",
