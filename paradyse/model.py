@@ -252,22 +252,23 @@ class DecoderModel(nn.Module):
         return list(self.layers)
 
     def logits(self, batch: PackedBatch) -> Tensor:
-        """(T/P, V) float32 logits of this rank's local tokens, in the batch's layout order."""
-        x = self.embedding(batch.input_ids)  # (T/P, H)
-        for layer in self.layers:
-            x = layer(x, batch)
-        return self.head(self.norm(x))
-
-    def forward(self, batch: PackedBatch) -> Tensor:
-        """The summed token loss of this rank's local tokens (MoE layers record their auxiliary
-        losses on the side: `auxiliary_loss()`)."""
+        """(T/P, V) float32 logits of this rank's local tokens, in the batch's layout order
+        (MoE layers record their auxiliary losses and loads on the side: `moe_recorder`)."""
         recorder = self.moe_recorder
         recorder.clear()
         recorder.active = True
         try:
-            return token_loss_sum(self.logits(batch), batch)
+            x = self.embedding(batch.input_ids)  # (T/P, H)
+            for layer in self.layers:
+                x = layer(x, batch)
         finally:
             recorder.active = False  # a recomputation in the backward records nothing
+        return self.head(self.norm(x))
+
+    def forward(self, batch: PackedBatch) -> Tensor:
+        """The summed token loss of this rank's local tokens (`auxiliary_loss()`: the MoE
+        layers' balance and z-loss terms of the same forward)."""
+        return token_loss_sum(self.logits(batch), batch)
 
     def auxiliary_loss(self) -> Tensor | None:
         """The MoE layers' summed balance and z-loss terms of the last forward (with their

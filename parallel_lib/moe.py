@@ -170,7 +170,7 @@ class MixtureOfExperts(Mlp):
             )
         m = self.moe
         logits = (x @ w.router.t()).float()  # (T/P, E)
-        request = ctx.request(logits, m.top_k, m.renormalize)
+        request = ctx.request(logits, m.top_k, m.renormalize, group)
         routing = (ctx.hook or top_k_routing)(request)
         check_routing(routing, x.shape[0], m.experts)
         aux, z = balance_losses(request, routing, group,

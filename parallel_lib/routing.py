@@ -63,6 +63,12 @@ class RouterRequest:
     """(T/P,) int64: the micro-batch sequence each local token belongs to."""
     seq_lens: tuple[int, ...]
     """Unpadded lengths of the micro-batch's sequences (the whole batch, not this rank's)."""
+    group: CommGroup | None = None
+    """The sp group the layer runs on (a hook that pools over the whole micro-batch may
+    communicate over it; every rank of the group calls the hook for the same layer)."""
+    recording: bool = True
+    """False while a recomputation in the backward calls the hook again (a stateful hook should
+    count only recording calls)."""
 
 
 RouterHook = Callable[[RouterRequest], Routing]
@@ -72,13 +78,13 @@ calls it again and must get the same pairs) and identical in shape rules on ever
 
 def top_k_routing(request: RouterRequest, k: int | None = None) -> Routing:
     """The default decision: each real token keeps its k most probable experts (ties go to the
-    lower expert index), weights renormalised over the kept k when the layer says so."""
+    lower expert index: a stable sort), weights renormalised over the kept k when the layer says
+    so."""
     k = request.top_k if k is None else k
     tokens = request.real.nonzero().squeeze(1)
     probs = request.probs.index_select(0, tokens)
-    weight, expert = (
-        probs.topk(k, dim=-1, sorted=True) if k else (probs[:, :0], probs[:, :0].long())
-    )
+    ranked, order = probs.sort(dim=-1, descending=True, stable=True)
+    weight, expert = ranked[:, :k], order[:, :k]
     if request.renormalize and k:
         weight = weight / weight.sum(-1, keepdim=True)
     return Routing(tokens.repeat_interleave(k), expert.reshape(-1), weight.reshape(-1))
@@ -139,9 +145,13 @@ class RoutingContext:
     hook: RouterHook | None = None
     recorder: MoeRecorder | None = None
 
-    def request(self, logits: Tensor, top_k: int, renormalize: bool) -> RouterRequest:
+    def request(
+        self, logits: Tensor, top_k: int, renormalize: bool, group: CommGroup | None = None
+    ) -> RouterRequest:
+        recording = self.recorder is None or self.recorder.active
         return RouterRequest(self.layer, torch.softmax(logits, -1), logits, top_k, renormalize,
-                             self.real, self.seq_index, self.seq_lens)  # fmt: skip
+                             self.real, self.seq_index, self.seq_lens, group,
+                             recording)  # fmt: skip
 
 
 def balance_losses(
