@@ -121,7 +121,12 @@ def _run_experts(rows: Tensor, counts: list[int], gate_up: Tensor, down: Tensor)
         if counts[e]:
             h = swiglu(chunk @ gate_up[2 * e * f : 2 * (e + 1) * f].t(), 1)
             outs.append(h @ down[e * f : (e + 1) * f])
-    return torch.cat(outs) if outs else rows.new_zeros((0, rows.shape[1]))
+    if outs:
+        return torch.cat(outs)
+    # No local expert has a row: return the (0, H) rows as a function of the rows and the expert
+    # weights anyway, so that it requires grad on this rank exactly when it does on the ranks
+    # that ran experts and the backward collectives after it run on every rank (no kernel runs).
+    return rows * (gate_up[:0].sum() + down[:0].sum())
 
 
 def _combine(out_rows: int, token: Tensor, y: Tensor, weight: Tensor) -> Tensor:

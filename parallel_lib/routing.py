@@ -102,6 +102,11 @@ def check_routing(routing: Routing, local_tokens: int, experts: int) -> None:
         raise ValueError(f"router hook: token index outside [0, {local_tokens})")
     if len(e) and (int(e.min()) < 0 or int(e.max()) >= experts):
         raise ValueError(f"router hook: expert index outside [0, {experts})")
+    if len(t) > 1 and torch.unique(t * experts + e).numel() < len(t):
+        raise ValueError(
+            "router hook: a (token, expert) pair appears twice; return each pair once "
+            "(sum the weights of repeats)"
+        )
 
 
 @dataclass
