@@ -68,7 +68,14 @@ def test_profile_then_evaluate(checkpoint, tmp_path, capsys) -> None:
             assert row["perplexity"] == pytest.approx(full["perplexity"], rel=1e-12), row
             assert row["load_js"] == pytest.approx(0.0, abs=1e-12), row
     assert {r["method"] for r in rows} == {
-        "full", "uniform", "top_p", "naee", "alloc_l", "alloc_t", "alloc_lt"}
+        "full",
+        "uniform",
+        "top_p",
+        "naee",
+        "alloc_l",
+        "alloc_t",
+        "alloc_lt",
+    }
     assert "| 2 | Alloc-L+T |" in capsys.readouterr().out
 
 
