@@ -14,6 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import integrations.alloc_moe as am  # noqa: E402
 from integrations.alloc_moe import AllocT, LayerTopK, allocate_layers  # noqa: E402
 from integrations.alloc_moe.hf import (  # noqa: E402
     TESTED_TRANSFORMERS,
@@ -28,7 +29,7 @@ COMMON = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, voca
               num_hidden_layers=3, max_position_embeddings=128, attn_implementation="eager",
               pad_token_id=0)  # fmt: skip
 FAMILIES = {
-    # name: (config class, model class, fields, renormalize as the family routes)
+    # name: (config class, model class, renormalize as the family routes, config fields)
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", True,
                 dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", False,
@@ -91,16 +92,19 @@ class ExpertSpy:
     (forward pre-hooks on the expert modules)."""
 
     def __init__(self, model) -> None:
-        self.calls, self.rows, self.handles = {}, {}, []
+        self.calls, self.rows, self.experts, self.handles = {}, {}, {}, []
         for block in hf_moe_blocks(model):
             self.calls[block.index] = self.rows[block.index] = 0
-            for expert in block.module.experts:
-                hook = functools.partial(self._seen, block.index)
+            self.experts[block.index] = set()
+            for e, expert in enumerate(block.module.experts):
+                hook = functools.partial(self._seen, block.index, e)
                 self.handles.append(expert.register_forward_pre_hook(hook))
 
-    def _seen(self, layer, module, args) -> None:
+    def _seen(self, layer, e, module, args) -> None:
+        assert args[0].shape[0] > 0, f"expert {e} of MoE layer {layer} ran on no row"
         self.calls[layer] += 1
         self.rows[layer] += args[0].shape[0]
+        self.experts[layer].add(e)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -137,6 +141,85 @@ def assert_counts_agree(handle, spy) -> None:
         assert (count.calls, count.rows) == (spy.calls[block.index], spy.rows[block.index])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_an_expert_without_pairs_runs_no_matmul(name: str) -> None:
+    """Only the experts a hook keeps run, each once, on exactly its pairs' rows."""
+    model, ids = tiny(name), token_ids()
+    T = ids.numel()
+
+    def two_experts(request) -> Routing:  # even tokens to expert 5, odd ones to 2; none to others
+        token = request.real.nonzero().squeeze(1)
+        expert = torch.where(token % 2 == 0, 5, 2)
+        return Routing(token, expert, request.probs[token, expert])
+
+    reference = logits(model, ids)
+    out, handle, spy = run_counted(model, two_experts, ids)
+    assert_counts_agree(handle, spy)
+    assert [c.calls for c in handle.counts] == [2] * len(handle.blocks)
+    assert [c.rows for c in handle.counts] == [T] * len(handle.blocks)
+    assert all(seen == {2, 5} for seen in spy.experts.values())
+    assert (out - reference).abs().max() > 1e-4
+
+
+def dense_reference(name: str, block, hidden: torch.Tensor) -> torch.Tensor:
+    """Every expert weighted by its probability (the family's scale, shared experts, groups),
+    written out independently of the adapter, in float64."""
+    x = hidden.reshape(-1, hidden.shape[-1])
+    if name == "deepseek_v2":
+        gate = block.gate
+        p = torch.softmax(x @ gate.weight.T, -1).view(len(x), gate.num_group, -1)
+        best = p.max(-1).values.topk(gate.topk_group, dim=-1).indices
+        allowed = torch.zeros(p.shape[:2], dtype=torch.bool).scatter(1, best, True)
+        p = (p * allowed[..., None]).reshape(len(x), -1) * gate.routed_scaling_factor
+    else:
+        p = torch.softmax(block.gate(x), -1)
+    out = sum(p[:, e, None].double() * expert(x).double() for e, expert in enumerate(block.experts))
+    if name == "qwen2_moe":
+        out = out + torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    if name == "deepseek_v2":
+        out = out + block.shared_experts(x)
+    return out.reshape(hidden.shape)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@torch.no_grad()
+def test_a_hook_may_keep_more_than_top_k(name: str) -> None:
+    """Pairs beyond the family's top-k (here every expert) are computed and combined as the
+    family combines its own: each weighted by its probability."""
+    model = tiny(name)
+    block = hf_moe_blocks(model)[0].module
+    hidden = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
+    with apply_router_hook(model, LayerTopK(8, renormalize=False)) as handle:
+        out = block(hidden)
+    out = out[0] if isinstance(out, tuple) else out
+    assert handle.counts[0].rows == 10 * 8
+    torch.testing.assert_close(out.double(), dense_reference(name, block, hidden))
+
+
+def test_config_methods_run_on_a_hf_model(tmp_path) -> None:
+    """`moe_layers_of_hf` stands in for a ParaDySe model in the core's `build_hook`, profile
+    files included: every method keeps within the budget; `full` is the model."""
+    model, ids = tiny("qwen3_moe"), token_ids()
+    moe, T = moe_layers_of_hf(model), ids.numel()
+    profile = tmp_path / "sensitivity.json"
+    am.save_sensitivity(profile, made_up_sensitivity(len(moe.layers), moe.top_k), moe.layers,
+                        moe.top_k)  # fmt: skip
+    budget = reduced_budget(moe)
+    reference = logits(model, ids)
+    for method in am.METHODS:
+        options = am.Options(method=method, budget=budget, sensitivity=str(profile), top_p=0.5,
+                             naee_beta=0.5)  # fmt: skip
+        hook = am.build_hook(options, moe)
+        out, handle, spy = run_counted(model, hook, ids)
+        assert_counts_agree(handle, spy)
+        rows = sum(c.rows for c in handle.counts)
+        if method == "full":
+            assert hook is None and torch.equal(out, reference)
+        else:
+            assert rows <= T * budget, (method, rows)
+            assert (out - reference).abs().max() > 1e-4, method
+
+
 def test_pinned_version() -> None:
     assert transformers.__version__ == TESTED_TRANSFORMERS
 
@@ -163,6 +246,28 @@ def test_full_budget_is_the_model_exactly(name: str) -> None:
     for block in hf_moe_blocks(model):
         assert "forward" not in block.module.__dict__  # the class's own forward again
     assert torch.equal(logits(model, ids), reference)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("deepseek_v2", dict(topk_method="greedy", n_group=None, topk_group=None)),  # V2-Lite
+        ("deepseek_v2", dict(norm_topk_prob=True)),  # read, and ignored, by transformers 4.57.3
+        ("mixtral", dict(router_jitter_noise=0.2)),  # training: the input jitter
+        ("qwen2_moe", dict(norm_topk_prob=True, decoder_sparse_step=2, mlp_only_layers=[])),
+    ],
+)
+def test_family_variants_at_full_budget(name: str, overrides: dict) -> None:
+    """Other settings of a family reproduce the model too (in training mode: the same random
+    draws, the same outputs)."""
+    model, ids = build(name, **overrides).train(), token_ids(batch=2, length=9)
+    K = moe_layers_of_hf(model).top_k
+    torch.manual_seed(7)
+    reference = logits(model, ids)
+    for hook in (LayerTopK(K), AllocT(K)):
+        torch.manual_seed(7)
+        with apply_router_hook(model, hook):
+            assert torch.equal(logits(model, ids), reference)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -336,4 +441,8 @@ def test_bad_inputs_are_refused_in_one_line() -> None:
     _refused(
         lambda: apply_router_hook(build("deepseek_v2", num_experts_per_tok=6), None),
         "cannot choose top_k=6",
+    )
+    _refused(
+        lambda: moe_layers_of_hf(build("deepseek_v2", topk_method="noaux_tc")),
+        "topk_method='noaux_tc' is not implemented",
     )

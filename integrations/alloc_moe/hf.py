@@ -15,7 +15,9 @@ A request carries the block's own probabilities, its top_k and whether it renorm
 tokens (the model's 2-D attention mask where one is passed, else all), each token's batch row
 (`seq_index`) and the real tokens per row (`seq_lens`); per family see `hf_families`. At the full
 budget (the identity `top_k_routing`, `LayerTopK(top_k)`, `AllocT` at K_l = top_k) the logits
-are those of the unpatched model bit for bit.
+are those of the unpatched model bit for bit. With padding in the attention mask the padding gets
+no expert row, which the model itself spends on it; the real tokens' logits then differ by float
+rounding alone (a CPU matmul's result for a row depends on the other rows of its batch).
 """
 
 from __future__ import annotations
@@ -131,7 +133,10 @@ def moe_layers_of_hf(model: nn.Module, *, numbering: str = "moe") -> MoeLayers:
 
 class _MaskCapture:
     """Keeps the 2-D attention mask of the latest call of the model that runs the blocks (a
-    forward pre-hook), for the blocks' `real` tokens; None when the call passed none."""
+    forward pre-hook), for the blocks' `real` tokens; None when the call passed none. It is
+    kept after the call, so that a block recomputed in the backward (gradient checkpointing)
+    routes as in the forward; a block called on its own uses the latest model call's mask
+    where the shapes fit."""
 
     def __init__(self, module: nn.Module) -> None:
         self.mask: Tensor | None = None
