@@ -48,7 +48,9 @@ class RouterRequest:
     """What a router hook sees for one layer and one micro-batch on this rank."""
 
     layer: int
-    """Index of the decoder layer."""
+    """The id the hook is keyed by: the decoder-layer index in ParaDySe models (under
+    `integrations.alloc_moe.hf`, the MoE block's index, or the decoder index with
+    `numbering="decoder"`)."""
     probs: Tensor
     """(T/P, E) float32 softmax of the router logits of the local tokens (differentiable)."""
     logits: Tensor

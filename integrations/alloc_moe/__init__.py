@@ -34,6 +34,7 @@ from .files import (
     save_naee_beta,
     save_sensitivity,
 )
+from .hf import RouterHandle, apply_router_hook, hf_moe_blocks, moe_layers_of_hf
 from .hooks import AllocT, BudgetCap, LayerTopK, NAEESkip, PerLayer, ProbabilityProbe, TopP
 
 __all__ = [
@@ -46,16 +47,20 @@ __all__ = [
     "Options",
     "PerLayer",
     "ProbabilityProbe",
+    "RouterHandle",
     "Sensitivity",
     "TopP",
     "allocate_layers",
+    "apply_router_hook",
     "build_hook",
     "calibrate_naee_beta",
     "calibrate_top_p",
+    "hf_moe_blocks",
     "layer_allocation",
     "load_naee_beta",
     "load_sensitivity",
     "moe_layers_of",
+    "moe_layers_of_hf",
     "plug_in",
     "resolved_budget",
     "save_naee_beta",
