@@ -19,6 +19,7 @@ import torch
 from cost_models import CostModel, get_preset, moe_layer_parameters
 from cost_models.moe_costs import MoeLoads, moe_comm_bytes, moe_layer_counts
 from cost_models.moe_memory import moe_layer_memory
+from cost_models.strategy_costs import STRATEGY_COSTS
 from paradyse import (
     DecoderModel,
     ModelConfig,
@@ -29,7 +30,7 @@ from paradyse import (
 from paradyse.memory import TotalMemTracker
 from paradyse.moe import MoeConfig, moe_full_weights
 from paradyse.reference import DENSE_MLP_NAMES
-from parallel_lib import RECOMPUTE_MODES, CommGroup, count_bytes
+from parallel_lib import RECOMPUTE_MODES, CommGroup, count_bytes, get_strategy
 from parallel_lib.moe import MoeShape
 from parallel_lib.routing import MoeRecorder, Routing
 from planners import PlanningSetup
@@ -295,6 +296,11 @@ def test_bytes_by_hand() -> None:
     assert fwd["reduce_scatter"] == 2 * dense_attention
     with pytest.raises(ValueError, match="experts .3. is not divisible by P=2"):
         moe_comm_bytes(SHAPE, MoeShape(3, 1, 16), "ring", lens, P)
+
+
+def test_each_strategy_cost_runs_the_mlp_mode_of_its_strategy() -> None:
+    for name, cost in STRATEGY_COSTS.items():
+        assert cost.mlp_mode == get_strategy(name).mlp_mode, name
 
 
 def test_the_dispatch_is_priced_over_the_whole_group() -> None:
