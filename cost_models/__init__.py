@@ -17,8 +17,16 @@ from .counts import (
 from .hardware import PRESETS, Hardware, Link, detect, get_preset
 from .memory import LayerMemory, layer_memory
 from .model import Cost, CostModel, StepCost
+from .moe_costs import MoeLoads, moe_comm_bytes, moe_layer_counts
+from .moe_memory import moe_layer_memory
 from .profile_data import Profile, ProfileError
-from .static import StaticMemory, layer_parameters, logits_bytes, static_memory
+from .static import (
+    StaticMemory,
+    layer_parameters,
+    logits_bytes,
+    moe_layer_parameters,
+    static_memory,
+)
 
 __all__ = [
     "PRESETS",
@@ -30,6 +38,7 @@ __all__ = [
     "LayerCounts",
     "LayerMemory",
     "Link",
+    "MoeLoads",
     "Profile",
     "ProfileError",
     "StaticMemory",
@@ -43,5 +52,9 @@ __all__ = [
     "layer_memory",
     "layer_parameters",
     "logits_bytes",
+    "moe_comm_bytes",
+    "moe_layer_counts",
+    "moe_layer_memory",
+    "moe_layer_parameters",
     "static_memory",
 ]

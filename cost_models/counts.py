@@ -99,6 +99,12 @@ class LayerCounts:
     elementwise_forward: float = 0.0
     """Bytes read and written by memory-bound ops (norms, RoPE, SwiGLU, adds, copies)."""
     elementwise_backward: float = 0.0
+    group_bytes_forward: dict[str, int] = field(default_factory=dict)
+    """Of `bytes_forward`, the collectives that run over the whole group of P whatever the
+    strategy's factorisation (a mixture of experts' dispatch and balance loss)."""
+    group_bytes_backward: dict[str, int] = field(default_factory=dict)
+    group_messages_forward: dict[str, int] = field(default_factory=dict)
+    group_messages_backward: dict[str, int] = field(default_factory=dict)
 
     @property
     def flops(self) -> float:
@@ -162,7 +168,9 @@ def backward_kernels(kernel: Kernel, trainable: bool = True) -> list[Kernel]:
     return grads
 
 
-def _traffic(m: LayerDims, recompute: str) -> tuple[dict, dict, dict, dict]:
+def layer_traffic(m: LayerDims, recompute: str) -> tuple[dict, dict, dict, dict]:
+    """(bytes forward, bytes backward, messages forward, messages backward) of the dense layer
+    on one rank (P = 1: none)."""
     forward, backward = Traffic(), Traffic()
     if m.P > 1:  # one rank sends nothing
         m.cost.forward_traffic(forward, m)
@@ -184,10 +192,10 @@ def comm_bytes(
         return {}, {}, {}, {}
     cost = strategy_cost(strategy)
     m = dims_for_tokens(shape, cost, T, P, dtype, inner, trainable=trainable)
-    return _traffic(m, recompute)
+    return layer_traffic(m, recompute)
 
 
-def _elementwise_bytes(m: LayerDims) -> float:
+def elementwise_bytes(m: LayerDims) -> float:
     """Forward bytes moved by memory-bound ops (a coarse count: each op reads and writes its
     tensors once): two norms, two residual adds, RoPE of Q and K, SwiGLU, and the strategy's
     own (layout copies, all-to-all staging, ring merges)."""
@@ -197,6 +205,39 @@ def _elementwise_bytes(m: LayerDims) -> float:
     total += 5 * tl * m.F  # silu, product
     total *= m.e
     return float(total + m.cost.elementwise_bytes(m))
+
+
+def op_kernels(shape, m: LayerDims, padded: Sequence[int]) -> dict[str, list[Kernel]]:
+    """Forward kernels of the dense layer on one rank, by op: qkv, out, gate_up, down (as the
+    strategy runs them) and attention (one call per sequence per ring step)."""
+    kernels: dict[str, list[Kernel]] = {}
+    for op, (i, o) in _projections(shape).items():
+        (rows, k, n), calls = m.cost.matmul(m, i, o, op in COLUMN_SHARDED)
+        kernels[op] = [Kernel("matmul", 2.0 * rows * k * n, calls, (rows, k, n))]
+    kernels["attention"] = [
+        Kernel(
+            "attention", _kernel_flops(q, k, h, causal, shape.head_dim), count, (q, k, h, causal)
+        )
+        for (q, k, h, causal), count in m.cost.attention_kernels(m, padded)
+    ]
+    return kernels
+
+
+def add_kernels(
+    counts: LayerCounts, kernels: dict[str, list[Kernel]], recomputed, trainable: bool
+) -> None:
+    """Add forward kernels by op to `counts`, with their backward (a frozen weight's: the input
+    gradient only) and, for the ops in `recomputed`, their rerun in the backward."""
+    for op, ops in kernels.items():
+        for kern in ops:
+            counts.kernels_forward.append(kern)
+            _add(counts.flops_forward, op, kern.flops * kern.count)
+            for back in backward_kernels(kern, trainable):
+                counts.kernels_backward.append(back)
+                _add(counts.flops_backward, op, back.flops * back.count)
+            if op in recomputed:
+                counts.kernels_recomputed.append(kern)
+                _add(counts.flops_backward, op, kern.flops * kern.count)
 
 
 def layer_counts(
@@ -221,31 +262,13 @@ def layer_counts(
     m = dims_for_tokens(shape, strategy_cost(strategy), T, P, dtype, inner,
                         max(padded, default=0), trainable=trainable)  # fmt: skip
     counts = LayerCounts(strategy, P, T, len(padded))
-    fwd_kernels: dict[str, list[Kernel]] = {}
-    for op, (i, o) in _projections(shape).items():
-        (rows, k, n), calls = m.cost.matmul(m, i, o, op in COLUMN_SHARDED)
-        fwd_kernels[op] = [Kernel("matmul", 2.0 * rows * k * n, calls, (rows, k, n))]
-    fwd_kernels["attention"] = [
-        Kernel(
-            "attention", _kernel_flops(q, k, h, causal, shape.head_dim), count, (q, k, h, causal)
-        )
-        for (q, k, h, causal), count in m.cost.attention_kernels(m, padded)
-    ]
+    fwd_kernels = op_kernels(shape, m, padded)
     recomputed = {"none": (), "selective": MLP_PROJECTIONS, "full": tuple(fwd_kernels)}
-    for op, kernels in fwd_kernels.items():
-        for kern in kernels:
-            counts.kernels_forward.append(kern)
-            _add(counts.flops_forward, op, kern.flops * kern.count)
-            for back in backward_kernels(kern, trainable):
-                counts.kernels_backward.append(back)
-                _add(counts.flops_backward, op, back.flops * back.count)
-            if op in recomputed[recompute]:
-                counts.kernels_recomputed.append(kern)
-                _add(counts.flops_backward, op, kern.flops * kern.count)
-    bf, bb, mf, mb = _traffic(m, recompute)
+    add_kernels(counts, fwd_kernels, recomputed[recompute], trainable)
+    bf, bb, mf, mb = layer_traffic(m, recompute)
     counts.bytes_forward, counts.bytes_backward = bf, bb
     counts.messages_forward, counts.messages_backward = mf, mb
-    elementwise = _elementwise_bytes(m)
+    elementwise = elementwise_bytes(m)
     counts.elementwise_forward = elementwise
     counts.elementwise_backward = (2 + RECOMPUTED_ELEMENTWISE[recompute]) * elementwise
     return counts

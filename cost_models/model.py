@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from .counts import Kernel, dtype_name, layer_counts
 from .hardware import Hardware
 from .memory import layer_memory
+from .moe_costs import moe_layer_counts
+from .moe_memory import moe_layer_memory
 from .profile_data import LinkFit, Profile
 from .strategy_costs import strategy_cost
 
@@ -87,6 +89,20 @@ class CostModel:
             for kind, nbytes in volume.items()
         }
 
+    def _traffic_seconds(self, volume, messages, group_volume, group_messages, sizes, P,
+                         nodes) -> dict:  # fmt: skip
+        """Seconds per collective kind: the strategy's collectives over its groups (`sizes`),
+        those that span the whole group (a MoE layer's dispatch) over P ranks."""
+        own = {k: v - group_volume.get(k, 0) for k, v in volume.items()}
+        own_messages = {k: v - group_messages.get(k, 0) for k, v in messages.items()}
+        seconds = self._comm_seconds({k: v for k, v in own.items() if v}, own_messages, sizes,
+                                     nodes)  # fmt: skip
+        whole = self._comm_seconds(group_volume, group_messages, dict.fromkeys(group_volume, P),
+                                   nodes)  # fmt: skip
+        for kind, value in whole.items():
+            seconds[kind] = seconds.get(kind, 0.0) + value
+        return seconds
+
     def _scales(self, strategy: str) -> tuple[float, float]:
         """(forward, backward) calibration scales; 1 without a profile."""
         if self.profile is None:
@@ -106,33 +122,40 @@ class CostModel:
         inner: int | None = None,
         nodes_spanned: int = 1,
         trainable: bool = True,
+        moe=None,
+        moe_loads=None,
     ) -> Cost:
         """One layer's forward and backward on one rank of a group of P for a micro-batch of
-        `seq_lens` (unpadded lengths). trainable False: a frozen layer (no weight gradients)."""
+        `seq_lens` (unpadded lengths). trainable False: a frozen layer (no weight gradients).
+        `moe` (a `parallel_lib.moe.MoeShape` or anything with its fields): a mixture-of-experts
+        layer, priced for the routing `moe_loads` (`cost_models.moe_costs.MoeLoads`, the rank
+        computing the most expert rows) or, None, the planning expectation (uniform loads)."""
         if self.profile is not None:
             self.profile.check_matches(dtype=dtype_name(dtype))
-        counts = layer_counts(
-            shape, strategy, seq_lens, P, dtype=dtype, recompute=recompute, inner=inner,
-            trainable=trainable,
-        )  # fmt: skip
+        kw = {"dtype": dtype, "recompute": recompute, "inner": inner, "trainable": trainable}
         rs_copy = (
             self.profile.reduce_scatter_copy
             if self.profile is not None
             else self.hardware.name.startswith("cpu")
         )
-        memory = layer_memory(
-            shape, strategy, seq_lens, P, dtype=dtype, recompute=recompute, inner=inner,
-            reduce_scatter_copy=rs_copy, trainable=trainable,
-        )  # fmt: skip
+        if moe is None:
+            counts = layer_counts(shape, strategy, seq_lens, P, **kw)
+            memory = layer_memory(shape, strategy, seq_lens, P, reduce_scatter_copy=rs_copy, **kw)
+        else:
+            counts = moe_layer_counts(shape, moe, strategy, seq_lens, P, loads=moe_loads, **kw)
+            memory = moe_layer_memory(shape, moe, strategy, seq_lens, P, loads=moe_loads,
+                                      reduce_scatter_copy=rs_copy, **kw)  # fmt: skip
         description = strategy_cost(strategy)
         sizes = description.group_sizes(P, inner)
         scales = self._scales(strategy)
         phases, compute_total, comm_total = [], 0.0, 0.0
-        for direction, kernels, elementwise, volume, messages, scale in (
+        for direction, kernels, elementwise, traffic, scale in (
             ("forward", counts.kernels_forward, counts.elementwise_forward,
-             counts.bytes_forward, counts.messages_forward, scales[0]),
+             (counts.bytes_forward, counts.messages_forward, counts.group_bytes_forward,
+              counts.group_messages_forward), scales[0]),
             ("backward", counts.kernels_backward, counts.elementwise_backward,
-             counts.bytes_backward, counts.messages_backward, scales[1]),
+             (counts.bytes_backward, counts.messages_backward, counts.group_bytes_backward,
+              counts.group_messages_backward), scales[1]),
         ):  # fmt: skip
             priced = [(k, direction) for k in kernels]
             if direction == "backward":  # recomputation runs forward kernels
@@ -142,7 +165,7 @@ class CostModel:
             )
             matmul = sum(self._kernel_seconds(k, d, dtype) for k, d in priced if k.kind == "matmul")
             other = self._elementwise_seconds(elementwise)
-            comm = self._comm_seconds(volume, messages, sizes, nodes_spanned)
+            comm = self._traffic_seconds(*traffic, sizes, P, nodes_spanned)
             p2p = comm.pop("p2p", 0.0)
             blocking = sum(comm.values())
             overlap = self.profile.overlap if self.profile is not None else 1.0

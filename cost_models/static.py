@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from .counts import itemsize
 
 __all__ = [
-    "StaticMemory", "static_memory", "layer_parameters", "logits_bytes", "vocab_transient_bytes"
+    "StaticMemory", "static_memory", "layer_parameters", "moe_layer_parameters",
+    "logits_bytes", "vocab_transient_bytes",
 ]  # fmt: skip
 
 
@@ -17,6 +18,24 @@ def layer_parameters(shape) -> int:
     H, d = shape.hidden, shape.head_dim
     attention = (shape.heads + 2 * shape.kv_heads) * d * H + shape.heads * d * H
     return attention + 3 * shape.ffn_hidden * H + 2 * H
+
+
+def moe_layer_parameters(shape, moe) -> tuple[int, int]:
+    """(sharded, replicated) parameters of one whole mixture-of-experts decoder layer: Q, K, V,
+    O, the E experts' gate, up and down, the shared experts' (width F_s); the router (E, H) and
+    the two norm weights, which every rank holds whole."""
+    H, d = shape.hidden, shape.head_dim
+    attention = (shape.heads + 2 * shape.kv_heads) * d * H + shape.heads * d * H
+    experts = moe.experts * 3 * moe.expert_ffn_hidden * H + 3 * moe.shared_ffn_hidden * H
+    return attention + experts, moe.experts * H + 2 * H
+
+
+def _layer_shard(shape, moe, sp: int) -> int:
+    """Parameters one rank stores of one layer (dense: moe None)."""
+    if moe is None:
+        return (layer_parameters(shape) - 2 * shape.hidden) // sp + 2 * shape.hidden
+    sharded, replicated = moe_layer_parameters(shape, moe)
+    return sharded // sp + replicated
 
 
 @dataclass(frozen=True)
@@ -34,6 +53,10 @@ class StaticMemory:
     layer_gradients: int = 0
     """Of `gradients`, one switchable layer's gradient buffer, which the engine frees while
     the layer is frozen."""
+    moe_layer_moments: int = 0
+    """`layer_moments` of one mixture-of-experts layer (0 without one)."""
+    moe_layer_gradients: int = 0
+    """`layer_gradients` of one mixture-of-experts layer (0 without one)."""
 
     @property
     def total(self) -> int:
@@ -50,14 +73,21 @@ def static_memory(
     dtype="float32",
     tied_embeddings: bool = False,
     shard_optimizer: bool = False,
+    moe=None,
+    moe_layers: int = 0,
 ) -> StaticMemory:
     """Weights are 1/sp shards (layers, vocabulary-sharded embedding and LM head); norms are
     replicated. Gradients have the weights' dtype. Optimizer state is sharded over dp when
-    `shard_optimizer`."""
+    `shard_optimizer`. `moe_layers` of the `layers` are mixture-of-experts layers of `moe`
+    (a `parallel_lib.moe.MoeShape` or anything with its fields): E/sp whole experts and
+    F_s/sp of the shared experts per rank, the router replicated."""
     H = shape.hidden
-    per_layer = (layer_parameters(shape) - 2 * H) // sp + 2 * H
+    if not 0 <= moe_layers <= layers or (moe_layers and moe is None):
+        raise ValueError(f"moe_layers must be in [0, {layers}] with a moe shape, got {moe_layers}")
+    per_layer = _layer_shard(shape, None, sp)
+    per_moe = _layer_shard(shape, moe, sp) if moe_layers else 0
     embeddings = vocab * H // sp * (1 if tied_embeddings else 2)
-    params = layers * per_layer + embeddings + H  # + the final norm
+    params = (layers - moe_layers) * per_layer + moe_layers * per_moe + embeddings + H
     b = itemsize(dtype)
     # two moments in max(dtype, float32), plus float32 master weights for 16-bit weights
     moments, masters = 2 * max(b, 4), 4 if b < 4 else 0
@@ -69,6 +99,8 @@ def static_memory(
         optimizer=optimizer,
         layer_moments=per_layer * moments // shards,
         layer_gradients=per_layer * b,
+        moe_layer_moments=per_moe * moments // shards,
+        moe_layer_gradients=per_moe * b,
     )
 
 

@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 -m cost_models.validate \\
         [--profile profile.json] [--tokens 256,1024,4096,8192] [--strategies all] \\
-        [--recompute none,selective,full] [--weights trainable,frozen] [--sequences 2]
+        [--recompute none,selective,full] [--weights trainable,frozen] [--sequences 2] \\
+        [--moe E,K,F_E[,F_S] [--moe-aux-loss 0.01]]
 
 For every strategy the group supports x recompute mode x token count x weights (trainable, or
 frozen: no weight gradients): one decoder layer's forward + backward on a packed micro-batch
@@ -10,14 +11,18 @@ frozen: no weight gradients): one decoder layer's forward + backward on a packed
 measured as the slowest rank's median and peak memory (weights, gradients, the input, its
 gradient, activations, temporaries; torch's MemTracker on CPU, cuda.max_memory_allocated on
 CUDA), beside the model's prediction. Without `--profile` the machine is profiled first (as
-`python -m cost_models.profile` does). With both kinds of weights, a summary line per kind comes
-first; the last line is exactly:
+`python -m cost_models.profile` does). `--moe` validates a mixture-of-experts layer instead of
+the dense one (E experts, top-K routing from a random router, experts of SwiGLU width F_E, shared
+experts of width F_S): its prediction uses the routing the step measured (the pairs each rank
+sent to each expert), its measured peak is the ranks' largest. With both kinds of weights, a
+summary line per kind comes first; the last line is exactly:
     time error: median X% worst Y% | memory error: median Z% worst W%
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import statistics
 import time
@@ -31,16 +36,20 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from parallel_lib import (
     LayerWeights,
     ZigzagLayout,
+    all_gather_dim0,
     decoder_layer_step,
     get_strategy,
     init_mesh,
     pad_length,
 )
 from parallel_lib.cli import add_shape_arguments, fail, int_list, shape_from, threads_from_env
+from parallel_lib.moe import MixtureOfExperts, MoeShape
+from parallel_lib.routing import MoeRecorder, RoutingContext
 
 from .counts import RECOMPUTE_MODES, STRATEGIES, dtype_name
 from .hardware import detect
 from .model import CostModel
+from .moe_costs import MoeLoads
 from .profile import measure_profile, step_times
 from .profile_data import Profile
 
@@ -112,12 +121,47 @@ def predicted_peak(cost, weights: LayerWeights, x) -> int:
     return held + grads + io + max(cost.forward_peak_bytes, cost.backward_peak_bytes)
 
 
+def _moe_weights(weights: LayerWeights, layout: ZigzagLayout, lens: list[int]) -> LayerWeights:
+    """The MoE weights with the micro-batch's routing context (a recorder counting the loads):
+    real tokens and each local token's sequence, from the layout."""
+    natural = layout.local_natural_index
+    seq_index = torch.searchsorted(torch.tensor(layout.bounds[1:], device=natural.device),
+                                   natural, right=True)  # fmt: skip
+    lengths = torch.tensor(lens, device=natural.device)
+    real = layout.positions < lengths.index_select(0, seq_index)
+    context = RoutingContext(0, real, seq_index, tuple(lens), recorder=MoeRecorder())
+    return dataclasses.replace(weights, mlp=weights.mlp._replace(context=context))
+
+
+def _moe_loads(step, weights: LayerWeights, dy, group) -> MoeLoads:
+    """The routing of one step: every rank's pairs per expert, gathered."""
+    recorder = weights.mlp.context.recorder
+    recorder.clear()
+    recorder.active = True
+    y = step()
+    recorder.active = False
+    y.backward(dy)
+    load = recorder.load[0].to(dy.device)[None]  # (1, E) float64
+    return MoeLoads([[int(v) for v in row] for row in all_gather_dim0(load, group).tolist()])
+
+
+def _largest(value: int, device) -> int:
+    """The largest value over the ranks (a MoE layer's peak depends on its rank's routing)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def validate(mesh, shape, model: CostModel, strategies, recomputes, token_counts, sequences,
-             dtype=torch.float32, repeats: int = 3,
-             weights_kinds=("trainable",)) -> list[Cell]:  # fmt: skip
-    """Measure and predict every cell (collective: every rank calls it)."""
+             dtype=torch.float32, repeats: int = 3, weights_kinds=("trainable",),
+             moe: MoeShape | None = None) -> list[Cell]:  # fmt: skip
+    """Measure and predict every cell (collective: every rank calls it); `moe`: a
+    mixture-of-experts layer of that shape, predicted with its measured routing."""
     P = mesh.sp
     g = torch.Generator().manual_seed(0)
+    kind_of_mlp = {} if moe is None else {"mlp_kind": MixtureOfExperts(moe)}
     cells = []
     for tokens in token_counts:
         lens = batch_lengths(tokens, sequences)
@@ -129,7 +173,13 @@ def validate(mesh, shape, model: CostModel, strategies, recomputes, token_counts
         for kind in weights_kinds:
             trainable = kind == "trainable"
             weights = LayerWeights.random(shape, P, dtype=dtype, device=mesh.device,
-                                          trainable=trainable)  # fmt: skip
+                                          trainable=trainable, **kind_of_mlp)  # fmt: skip
+            extra = {}
+            if moe is not None:
+                weights = _moe_weights(weights, layout, lens)
+                step = partial(decoder_layer_step, x, weights, layout, mesh.sp_group,
+                               get_strategy(strategies[0]))  # fmt: skip
+                extra = {"moe": moe, "moe_loads": _moe_loads(step, weights, dy, mesh.sp_group)}
             for name in strategies:
                 strategy = get_strategy(name)
                 for recompute in recomputes:
@@ -137,11 +187,27 @@ def validate(mesh, shape, model: CostModel, strategies, recomputes, token_counts
                                    strategy, recompute)  # fmt: skip
                     fwd, bwd = step_times(step, dy, repeats)
                     peak = measured_peak(step, weights, x, dy, mesh.device)
+                    if moe is not None:
+                        peak = _largest(peak, mesh.device)
                     cost = model.layer_cost(shape, name, recompute, lens, P, trainable=trainable,
-                                            dtype=dtype_name(dtype))  # fmt: skip
+                                            dtype=dtype_name(dtype), **extra)  # fmt: skip
                     cells.append(Cell(name, recompute, tokens, fwd + bwd, cost.time_s, peak,
                                       predicted_peak(cost, weights, x), trainable))  # fmt: skip
     return cells
+
+
+def moe_from(text: str | None, aux_loss: float) -> MoeShape | None:
+    """The MoeShape of `--moe E,K,F_E[,F_S]` (None without it); ValueError, one line."""
+    if text is None:
+        return None
+    values = int_list("--moe", text)
+    if len(values) not in (3, 4):
+        raise ValueError(f"--moe takes E,K,F_E or E,K,F_E,F_S, got {text!r}")
+    try:
+        return MoeShape(*values[:3], shared_ffn_hidden=values[3] if len(values) == 4 else 0,
+                        aux_loss_coef=aux_loss)  # fmt: skip
+    except ValueError as error:
+        raise ValueError(f"--moe {text}: {error}") from None
 
 
 def format_table(cells: list[Cell]) -> str:
@@ -188,6 +254,17 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     p.add_argument("--sequences", type=int, default=2, help="sequences per micro-batch")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per cell (median)")
+    p.add_argument(
+        "--moe", metavar="E,K,F_E[,F_S]",
+        help="validate a mixture-of-experts layer: E experts (a multiple of the group size), "
+        "top-K routing, expert SwiGLU width F_E, shared experts' total width F_S (default 0); "
+        "predicted with the routing the step measured",
+    )  # fmt: skip
+    p.add_argument(
+        "--moe-aux-loss", type=float, default=0.01,
+        help="with --moe: the balance loss coefficient (0: off; on, each forward all-reduces "
+        "the per-sequence expert counts)",
+    )  # fmt: skip
     add_shape_arguments(p)
     args = p.parse_args(argv)
     try:
@@ -208,11 +285,14 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"unknown {what} {bad}; choose from {', '.join(known)}")
         if min(tokens) < 1 or args.sequences < 1 or args.repeats < 1:
             raise ValueError("--tokens, --sequences and --repeats must be positive")
+        moe = moe_from(args.moe, args.moe_aux_loss)
         profile = Profile.load(args.profile) if args.profile else None
         torch.set_num_threads(threads_from_env())
         mesh = init_mesh()
         if profile is not None:
             profile.check_matches(dtype=args.dtype, sp=mesh.sp)
+        if moe is not None and moe.layout_problem(mesh.sp):
+            raise ValueError(f"--moe: {moe.layout_problem(mesh.sp)}")
     except ValueError as e:  # ProfileError included
         fail(p.prog, str(e))
     names = [n for n in names if get_strategy(n).supports(shape, mesh.sp)[0]]
@@ -226,11 +306,14 @@ def main(argv: list[str] | None = None) -> None:
         profile = measure_profile(mesh, shape, dtype)
     model = CostModel(detect(), profile)
     cells = validate(mesh, shape, model, names, recomputes, tokens, args.sequences, dtype,
-                     args.repeats, kinds)  # fmt: skip
+                     args.repeats, kinds, moe)  # fmt: skip
     if mesh.rank == 0:
+        mlp = f"F={shape.ffn_hidden}" if moe is None else (
+            f"MoE E={moe.experts} top-{moe.top_k} F_e={moe.expert_ffn_hidden} "
+            f"F_s={moe.shared_ffn_hidden} aux={moe.aux_loss_coef:g}")  # fmt: skip
         print(
             f"P={mesh.sp} {profile.machine.get('device')} {args.dtype}, one layer "
-            f"H={shape.hidden} heads={shape.heads}/{shape.kv_heads} F={shape.ffn_hidden}, "
+            f"H={shape.hidden} heads={shape.heads}/{shape.kv_heads} {mlp}, "
             f"{args.sequences} sequences per batch, {time.perf_counter() - start:.0f} s"
         )
         print(format_table(cells))

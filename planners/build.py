@@ -28,7 +28,8 @@ __all__ = ["PlanningSetup"]
 class PlanningSetup:
     """A model on a machine: the cost tables, static memory and budget every planner of a run
     shares. `model` is any object with hidden, heads, kv_heads, head_dim, ffn_hidden, layers and
-    vocab (`paradyse.ModelConfig`, `planners.ModelSpec`)."""
+    vocab (`paradyse.ModelConfig`, `planners.ModelSpec`), and optionally `moe` (its MoE MLP, None:
+    all dense) with `moe_layer(i)`: the MoE layers get their own cost rows."""
 
     model: Any
     hardware: Hardware | None = None
@@ -54,6 +55,14 @@ class PlanningSetup:
     def __post_init__(self) -> None:
         if self.hardware is None:
             object.__setattr__(self, "hardware", detect())
+        moe = self.moe
+        if self.moe_layers:
+            for name in ("experts", "shared_ffn_hidden"):
+                if getattr(moe, name) % self.sp:
+                    raise ValueError(
+                        f"model.moe.{name} ({getattr(moe, name)}) is not divisible by sp="
+                        f"{self.sp}; choose sp dividing it"
+                    )
         for name in ("sp", "dp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -83,6 +92,25 @@ class PlanningSetup:
         model itself (a `ModelSpec` has the shape fields)."""
         return getattr(self.model, "shape", self.model)
 
+    @property
+    def moe(self):
+        """The model's mixture-of-experts MLP shape (its `moe`: a `paradyse.moe.MoeConfig`, a
+        `parallel_lib.moe.MoeShape`), or None."""
+        return getattr(self.model, "moe", None)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """The layers with the MoE MLP: the model's `moe_layer(i)`, else those from the MoE
+        config's `first_dense_layers` (default 0) on."""
+        moe = self.moe
+        if moe is None:
+            return ()
+        is_moe = getattr(self.model, "moe_layer", None)
+        if is_moe is None:
+            first = getattr(moe, "first_dense_layers", 0)
+            return tuple(range(first, self.model.layers))
+        return tuple(i for i in range(self.model.layers) if is_moe(i))
+
     @cached_property
     def costs(self) -> LayerCosts:
         """The options the setup allows, priced per micro-batch (cached)."""
@@ -92,6 +120,7 @@ class PlanningSetup:
         return LayerCosts(
             CostModel(self.hardware, self.profile), self.shape, self.model.layers, self.sp,
             options, dtype=self.dtype, vocab=self.model.vocab, nodes_spanned=self.nodes_spanned,
+            moe=self.moe, moe_layers=self.moe_layers,
         )  # fmt: skip
 
     @cached_property
@@ -101,7 +130,7 @@ class PlanningSetup:
         return static_memory(
             self.shape, m.layers, m.vocab, sp=self.sp, dp=self.dp, dtype=self.dtype,
             tied_embeddings=getattr(m, "tie_embeddings", False),
-            shard_optimizer=self.shard_optimizer,
+            shard_optimizer=self.shard_optimizer, moe=self.moe, moe_layers=len(self.moe_layers),
         )  # fmt: skip
 
     @property
@@ -116,7 +145,13 @@ class PlanningSetup:
         method naming no option of the setup)."""
         return Planner(
             self.costs, self.budget, static_bytes=self.static_bytes,
-            offloadable_bytes=[self.static.layer_moments] * self.model.layers,
-            frozen_bytes=[self.static.layer_gradients] * self.model.layers,
+            offloadable_bytes=self._per_layer("layer_moments"),
+            frozen_bytes=self._per_layer("layer_gradients"),
             method=method, hysteresis=hysteresis,
         )  # fmt: skip
+
+    def _per_layer(self, name: str) -> list[int]:
+        """`static.<name>` of every layer (a MoE layer's `moe_<name>`)."""
+        moe = set(self.moe_layers)
+        dense, expert = getattr(self.static, name), getattr(self.static, f"moe_{name}")
+        return [expert if i in moe else dense for i in range(self.model.layers)]

@@ -116,8 +116,9 @@ class CostTables:
 class LayerCosts:
     """Cost tables of `layers` decoder layers on one rank of an sp group of P, for the given
     options, cached (least recently used) by length signature and frozen layers. Each layer is
-    priced by its own row: a trainable layer's, or a frozen layer's (no weight-gradient
-    matmuls, no weight-gradient collectives, fewer saved bytes); equal rows are priced once."""
+    priced by its own row: a dense or a mixture-of-experts layer's (`moe_layers`, of shape
+    `moe`, priced for uniform routing), trainable or frozen (no weight-gradient matmuls, no
+    weight-gradient collectives, fewer saved bytes); equal rows are priced once."""
 
     def __init__(
         self,
@@ -131,10 +132,18 @@ class LayerCosts:
         vocab: int = 0,
         nodes_spanned: int = 1,
         cache_size: int = 4096,
+        moe=None,
+        moe_layers: Sequence[int] = (),
     ) -> None:
         if layers < 1:
             raise ValueError(f"the model needs at least one layer, got {layers}")
         self.model, self.shape, self.layers, self.P = model, shape, layers, P
+        self.moe = moe
+        self.moe_layers = self.check_layers(moe_layers, "MoE")
+        """Layers with the mixture-of-experts MLP `moe` (a `parallel_lib.moe.MoeShape` or
+        anything with its fields)."""
+        if self.moe_layers and moe is None:
+            raise ValueError("MoE layers need the MoE shape (moe=...)")
         self.options = list(options)
         self.dtype, self.vocab, self.nodes_spanned = dtype, vocab, nodes_spanned
         self.cache_size = cache_size
@@ -154,13 +163,15 @@ class LayerCosts:
             raise ValueError(f"{what} layers {bad} outside the model's {self.layers} layers")
         return chosen
 
-    def _row(self, key: tuple[int, ...], trainable: bool) -> tuple[list, list, list]:
-        """(time, saved, transient) of every option for one layer."""
+    def _row(self, key: tuple[int, ...], trainable: bool, moe: bool) -> tuple[list, list, list]:
+        """(time, saved, transient) of every option for one layer (a MoE layer's: `moe`)."""
         row_t, row_m, row_tr = [], [], []
+        extra = {"moe": self.moe} if moe else {}
         for option in self.options:
             cost = self.model.layer_cost(
                 self.shape, option.strategy, option.recompute, key, self.P, dtype=self.dtype,
                 inner=option.inner, nodes_spanned=self.nodes_spanned, trainable=trainable,
+                **extra,
             )  # fmt: skip
             row_t.append(cost.time_s)
             row_m.append(cost.saved_bytes)
@@ -175,10 +186,10 @@ class LayerCosts:
         if found is not None:
             self._cache.move_to_end((key, frozen))
             return found
-        kinds = {i not in frozen for i in range(self.layers)}  # trainable or not
-        rows = {trainable: self._row(key, trainable) for trainable in kinds}
+        kinds = [(i not in frozen, i in self.moe_layers) for i in range(self.layers)]
+        rows = {kind: self._row(key, *kind) for kind in dict.fromkeys(kinds)}
         head = logits_bytes(sum(key), self.vocab, self.P) if self.vocab else 0
-        per_layer = [rows[i not in frozen] for i in range(self.layers)]
+        per_layer = [rows[kind] for kind in kinds]
 
         def stack(k: int) -> np.ndarray:
             return np.array([row[k] for row in per_layer], dtype=np.float64)

@@ -39,6 +39,9 @@ class StrategyCost(ABC):
     flags, and implement the abstract methods; the rest are defaults they may override."""
 
     name: ClassVar[str]
+    mlp_mode: ClassVar[str]
+    """How the strategy runs the MLP half (`parallel_lib.mlp.MLP_MODES`): what a mixture of
+    experts' costs follow (`cost_models.moe_costs`)."""
     has_token_gather: ClassVar[bool] = False
     """Attention runs on tokens gathered from several ranks, copied from gathered to natural order
     and back (counted as memory-bound traffic)."""

@@ -9,6 +9,7 @@ class LocalCost(StrategyCost):
     """Every matmul and attention call over all T tokens and all heads; nothing is sent."""
 
     name = "local"
+    mlp_mode = "local"
 
     def factorisation(self, P, inner=None):
         return P, 1

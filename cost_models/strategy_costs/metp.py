@@ -17,6 +17,7 @@ class MetpCost(StrategyCost):
     """
 
     name = "metp"
+    mlp_mode = "streamed"
     has_ring = True
 
     def factorisation(self, P, inner=None):

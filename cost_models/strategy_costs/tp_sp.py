@@ -15,6 +15,7 @@ class TensorSequenceParallelCost(StrategyCost):
     """
 
     name = "tp_sp"
+    mlp_mode = "tensor_parallel"
     has_token_gather = True
 
     def factorisation(self, P, inner=None):

@@ -17,6 +17,8 @@ class Zero3Cost(StrategyCost):
     (in the docstrings of ulysses, ring and usp), computed here.
     """
 
+    mlp_mode = "zero3"
+
     def matmul(self, m, i, o, column):
         return (m.T // m.P, i, o), 1
 
