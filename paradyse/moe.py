@@ -56,6 +56,11 @@ class MoeConfig:
         self.shape  # noqa: B018  (validates the rest)
 
     @property
+    def shared_ffn_hidden(self) -> int:
+        """The shared experts' total SwiGLU width (as `MoeShape` names it)."""
+        return self.shared_experts * self.expert_ffn_hidden
+
+    @property
     def shape(self) -> MoeShape:
         shared = self.shared_experts * self.expert_ffn_hidden
         return MoeShape(self.experts, self.top_k, self.expert_ffn_hidden, shared,

@@ -85,8 +85,10 @@ def top_k_routing(request: RouterRequest, k: int | None = None) -> Routing:
     k = request.top_k if k is None else k
     tokens = request.real.nonzero().squeeze(1)
     probs = request.probs.index_select(0, tokens)
-    ranked, order = probs.sort(dim=-1, descending=True, stable=True)
-    weight, expert = ranked[:, :k], order[:, :k]
+    # the order from a stable sort of the values alone, the weights gathered: the backward
+    # keeps (n, k) indices, not the sort's (n, E)
+    expert = probs.detach().sort(dim=-1, descending=True, stable=True).indices[:, :k].clone()
+    weight = probs.gather(1, expert)
     if request.renormalize and k:
         weight = weight / weight.sum(-1, keepdim=True)
     return Routing(tokens.repeat_interleave(k), expert.reshape(-1), weight.reshape(-1))

@@ -57,12 +57,10 @@ class PlanningSetup:
             object.__setattr__(self, "hardware", detect())
         moe = self.moe
         if self.moe_layers:
-            for name in ("experts", "shared_ffn_hidden"):
-                if getattr(moe, name) % self.sp:
-                    raise ValueError(
-                        f"model.moe.{name} ({getattr(moe, name)}) is not divisible by sp="
-                        f"{self.sp}; choose sp dividing it"
-                    )
+            shape = moe.shape if hasattr(moe, "shape") else moe  # a MoeConfig or a MoeShape
+            problem = shape.layout_problem(self.sp)
+            if problem:
+                raise ValueError(problem)
         for name in ("sp", "dp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -321,7 +321,7 @@ def test_the_dispatch_is_priced_over_the_whole_group() -> None:
 
 # ---------------------------------------------------------------- planner and static memory
 def _model(first_dense_layers: int = 1, layers: int = 3, tie: bool = False) -> ModelConfig:
-    moe = MoeConfig(experts=8, top_k=2, expert_ffn_hidden=32, shared_ffn_hidden=32,
+    moe = MoeConfig(experts=8, top_k=2, expert_ffn_hidden=32, shared_experts=1,
                     first_dense_layers=first_dense_layers)  # fmt: skip
     return ModelConfig(hidden=SHAPE.hidden, heads=SHAPE.heads, kv_heads=SHAPE.kv_heads,
                        head_dim=SHAPE.head_dim, ffn_hidden=SHAPE.ffn_hidden, layers=layers,
