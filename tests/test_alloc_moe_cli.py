@@ -116,3 +116,16 @@ def test_bad_inputs_exit_2_with_one_line(checkpoint, tmp_path, capsys) -> None:
         assert err.startswith("error: ") and "\n" not in err, (what, err)
     assert main(["allocate", str(S_path), "--budget", "3"]) == 0
     assert json.loads(capsys.readouterr().out) in ([2, 1], [1, 2])
+
+
+def test_benchmark_summary_counts_the_budgets_won() -> None:
+    from benchmarks.alloc_moe import summary
+
+    def rows(budget, **ppl):
+        return [{"budget": budget, "method": m, "perplexity": p} for m, p in ppl.items()]
+
+    table = [*rows(12, full=5.0), *rows(4, uniform=9.0, top_p=8.0, naee=8.5, alloc_lt=8.2),
+             *rows(8, uniform=6.0, top_p=6.5, naee=6.4, alloc_lt=5.9)]  # fmt: skip
+    assert summary(table) == (
+        "Alloc-L+T beats uniform at 2 of 2 budgets; beats every baseline at 1 of 2"
+    )

@@ -117,3 +117,17 @@ def test_bad_moe_configs_name_the_fix() -> None:
     message = run_distributed(4, _refusal, 4, "model.moe.experts=6")[0]
     assert "model.moe.experts (6) is not divisible by the group size 4" in message, message
     assert "\n" not in message
+
+
+def test_benchmark_counts_the_parameters_of_the_model() -> None:
+    from benchmarks.moe import parameter_counts
+    from paradyse import DecoderModel
+    from parallel_lib import CommGroup
+
+    config = _config().model
+    total, active = parameter_counts(config)
+    model = DecoderModel(config, CommGroup.single())
+    assert total == sum(p.numel() for p in model.parameters())
+    m, H = config.moe, config.hidden
+    unused = (m.experts - m.top_k) * 3 * H * m.expert_ffn_hidden  # per MoE layer
+    assert active == total - (config.layers - m.first_dense_layers) * unused
