@@ -28,10 +28,12 @@ setup(
         "parallel_lib",
         "parallel_lib.strategies",
         "cost_models",
+        "cost_models.strategy_costs",
         "planners",
         "integrations",
         "integrations.hf",
         "integrations.grass",
+        "integrations.alloc_moe",
     ],
     # torch is pinned by constraints.txt in `make setup`; a bare `torch` here would let pip pull a
     # multi-GB CUDA build on machines where the CPU wheel is the one wanted.

@@ -19,8 +19,10 @@ MOE = [
     "model.moe.experts=8", "model.moe.top_k=2", "model.moe.expert_ffn_hidden=32",
     "model.moe.shared_experts=1", "model.moe.first_dense_layers=1",
     "model.moe.aux_loss_coef=0.01", "model.moe.z_loss_coef=0.001",
+    "data.tokens_per_step=1024", "data.max_seq_len=512",
 ]  # fmt: skip
-"""cpu_moe.toml shrunk to test size: 3 layers (the first dense), 8 experts, top-2, a shared one."""
+"""cpu_moe.toml shrunk to test size: 3 layers (the first dense), 8 experts, top-2, a shared one;
+steps of 1,024 tokens (still several micro-batches of 256 tokens per rank at sp = 1)."""
 
 
 def _config(*extra: str):
