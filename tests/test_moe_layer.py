@@ -417,6 +417,16 @@ def test_experts_not_divisible_by_sp_is_refused() -> None:
     assert config.sp_problem(2) is None
 
 
+def _hooked_layer(moe: MoeShape, hook):
+    """A one-process MoE layer routing through `hook`, its micro-batch and input."""
+    case = MoeCase(moe, [5, 3])
+    layer = SwitchableDecoderLayer(SHAPE, CommGroup.single(), moe=moe, random_init=False)
+    layer.load_full_weights({k: v.float() for k, v in case.full[0].items()})
+    layer.mlp.hook = hook
+    batch = case.batch(1, 0)
+    return layer, batch, to_local(batch, case.xs).float()
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
@@ -428,9 +438,6 @@ def test_experts_not_divisible_by_sp_is_refused() -> None:
 )
 def test_hook_with_bad_pairs_is_refused(bad: str, message: str) -> None:
     moe = MoeShape(8, 2, 16)
-    case = MoeCase(moe, [5, 3])
-    layer = SwitchableDecoderLayer(SHAPE, CommGroup.single(), moe=moe, random_init=False)
-    layer.load_full_weights({k: v.float() for k, v in case.full[0].items()})
 
     def hook(request: RouterRequest) -> Routing:
         n = request.probs.shape[0]
@@ -446,9 +453,7 @@ def test_hook_with_bad_pairs_is_refused(bad: str, message: str) -> None:
             weight = weight[:-1]
         return Routing(token, expert, weight)
 
-    layer.mlp.hook = hook
-    batch = case.batch(1, 0)
-    x = to_local(batch, case.xs).float()
+    layer, batch, x = _hooked_layer(moe, hook)
     with pytest.raises(ValueError, match=message) as e:
         layer(x, batch, "local")
     _one_line(e)
@@ -458,18 +463,13 @@ def test_hook_with_duplicate_pairs_is_refused() -> None:
     """A (token, expert) pair returned twice would count twice under expert parallelism and once
     under tp_sp (its weight is scattered into a dense (T/P, E) table): refused in one line."""
     moe = MoeShape(8, 2, 16)
-    case = MoeCase(moe, [5, 3])
-    layer = SwitchableDecoderLayer(SHAPE, CommGroup.single(), moe=moe, random_init=False)
-    layer.load_full_weights({k: v.float() for k, v in case.full[0].items()})
 
     def hook(request: RouterRequest) -> Routing:
         n = request.probs.shape[0]
         token = torch.cat([torch.arange(n), torch.zeros(1, dtype=torch.int64)])
         return Routing(token, torch.zeros_like(token), torch.ones(n + 1))
 
-    layer.mlp.hook = hook
-    batch = case.batch(1, 0)
-    x = to_local(batch, case.xs).float()
+    layer, batch, x = _hooked_layer(moe, hook)
     for strategy in ("local", "tp_sp"):
         with pytest.raises(ValueError, match=r"router hook: .*pair.* twice") as e:
             layer(x, batch, strategy)
