@@ -7,8 +7,6 @@ the real parameters."""
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 import time
 from dataclasses import replace
 
@@ -372,36 +370,3 @@ def test_static_memory_equals_the_real_parameters(P: int, tie: bool) -> None:
     whole = DecoderModel(config, CommGroup.single(), random_init=False).layers[1]
     sharded, replicated = moe_layer_parameters(SHAPE, config.moe)
     assert sharded + replicated == sum(p.numel() for p in whole.parameters())
-
-
-# ---------------------------------------------------------------- validation
-def validate_case() -> list[tuple]:
-    from cost_models.validate import validate
-
-    mesh = mesh_for()
-    moe = CONFIGS["shared"][0]
-    cells = validate(mesh, SHAPE, CostModel(get_preset("cpu")), ["tp_sp", "ring"],
-                     ["none", "full"], [96], 2, repeats=1, moe=moe)  # fmt: skip
-    return [(c.strategy, c.recompute, c.measured_bytes, c.predicted_bytes) for c in cells]
-
-
-def test_validate_runs_a_moe_layer_on_two_ranks() -> None:
-    ranks = run_distributed(2, validate_case)
-    assert ranks[0] == ranks[1]  # every rank reports the ranks' largest peak
-    assert [c[:2] for c in ranks[0]] == [("tp_sp", "none"), ("tp_sp", "full"),
-                                         ("ring", "none"), ("ring", "full")]  # fmt: skip
-    for strategy, recompute, measured, predicted in ranks[0]:
-        assert abs(predicted - measured) / measured < 0.15, (strategy, recompute)
-
-
-def test_validate_documents_moe_and_refuses_a_bad_shape() -> None:
-    from cost_models.validate import moe_from
-
-    help_text = subprocess.run([sys.executable, "-m", "cost_models.validate", "--help"],
-                               capture_output=True, text=True, timeout=120).stdout  # fmt: skip
-    assert "--moe E,K,F_E[,F_S]" in help_text and "--moe-aux-loss" in help_text
-    with pytest.raises(ValueError, match="--moe takes E,K,F_E or E,K,F_E,F_S"):
-        moe_from("8,2", 0.0)
-    with pytest.raises(ValueError, match=r"--moe 4,5,16: .*top_k \(5\) exceeds"):
-        moe_from("4,5,16", 0.0)
-    assert moe_from("8,2,16,32", 0.0) == MoeShape(8, 2, 16, shared_ffn_hidden=32)
