@@ -186,25 +186,23 @@ class MixtureOfExperts(Mlp):
         return routing
 
     # ---------------------------------------------------------------- modes
-    def local(self, x, w: MoeWeights, group, *, recomputed):
-        routing = self._route(x, w, group)
-        y = self._expert_parallel(x, routing, w, group)
-        shared = w.shared()
-        return y if shared is None else y + SWIGLU.local(x, shared, group, recomputed=recomputed)
-
-    def zero3(self, x, w: MoeWeights, group, *, recomputed):
-        routing = self._route(x, w, group)
-        y = self._expert_parallel(x, routing, w, group)
-        shared = w.shared()
-        return y if shared is None else y + SWIGLU.zero3(x, shared, group, recomputed=recomputed)
-
-    def streamed(self, x, w: MoeWeights, group, *, recomputed):
-        routing = self._route(x, w, group)
-        y = self._expert_parallel(x, routing, w, group)
+    def _routed_experts_and_shared(self, mode: str, x, w: MoeWeights, group, recomputed):
+        """Expert parallelism for the routed experts (every mode but tensor_parallel), plus the
+        shared experts as the dense SwiGLU runs in `mode`."""
+        y = self._expert_parallel(x, self._route(x, w, group), w, group)
         shared = w.shared()
         if shared is None:
             return y
-        return y + SWIGLU.streamed(x, shared, group, recomputed=recomputed)
+        return y + SWIGLU(x, shared, group, mode, recomputed=recomputed)
+
+    def local(self, x, w: MoeWeights, group, *, recomputed):
+        return self._routed_experts_and_shared("local", x, w, group, recomputed)
+
+    def zero3(self, x, w: MoeWeights, group, *, recomputed):
+        return self._routed_experts_and_shared("zero3", x, w, group, recomputed)
+
+    def streamed(self, x, w: MoeWeights, group, *, recomputed):
+        return self._routed_experts_and_shared("streamed", x, w, group, recomputed)
 
     def _expert_parallel(self, x: Tensor, routing: Routing, w: MoeWeights, group) -> Tensor:
         """Pairs to the ranks holding their experts and back (uneven all-to-all, P > 1)."""
@@ -237,10 +235,10 @@ class MixtureOfExperts(Mlp):
         kept[routing.token, routing.expert] = 1
         # one gather for tokens, weights and the kept mask: (T/P, H + 2E) -> (T, H + 2E)
         gathered = all_gather_tokens(torch.cat([x, dense.to(x.dtype), kept], 1), group)
+        first = group.rank * E // P  # this rank's experts: [first, first + E/P)
         xg = gathered[:, :H]
-        mine = slice(H + group.rank * E // P, H + (group.rank + 1) * E // P)
-        weights_g = gathered[:, mine]
-        kept_g = gathered[:, H + E :][:, mine.start - H : mine.stop - H].detach() > 0
+        weights_g = gathered[:, H + first : H + first + E // P]
+        kept_g = gathered[:, H + E + first : H + E + first + E // P].detach() > 0
         expert, token = kept_g.t().nonzero(as_tuple=True)  # grouped by local expert
         y = _run_experts(xg.index_select(0, token), kept_g.sum(0).tolist(),
                          w.experts_gate_up, w.experts_down)  # fmt: skip
