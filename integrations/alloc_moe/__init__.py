@@ -55,6 +55,7 @@ __all__ = [
     "build_hook",
     "calibrate_naee_beta",
     "calibrate_top_p",
+    "dynamic_hook",
     "hf_moe_blocks",
     "layer_allocation",
     "load_naee_beta",
@@ -174,13 +175,26 @@ def build_hook(options: Options, model) -> RouterHook | None:
         return AllocT(ks, options.k_base, layers=layers, scope=options.scope,
                       renormalize=renormalize)  # fmt: skip
     if method == "top_p":
-        inner = TopP(options.top_p, options.top_p_max_k or moe.top_k, renormalize=renormalize)
+        return dynamic_hook(method, options.top_p, options, moe)
+    beta = options.naee_beta
+    if isinstance(beta, str):
+        beta = load_naee_beta(beta, moe)
+    return dynamic_hook(method, beta, options, moe)
+
+
+def dynamic_hook(method: str, threshold, options: Options, model) -> RouterHook:
+    """top_p with p = `threshold`, or naee with beta = `threshold` (one value, or one per layer
+    as `calibrate_top_p` / `calibrate_naee_beta` give), held to the budget's uniform shares
+    (`BudgetCap`) when options.cap."""
+    moe = moe_layers_of(model)
+    renormalize = None if options.renormalize == "layer" else options.renormalize
+    if method == "top_p":
+        inner = TopP(threshold, options.top_p_max_k or moe.top_k, renormalize=renormalize)
     else:
-        beta = options.naee_beta
-        if isinstance(beta, str):
-            beta = load_naee_beta(beta, moe)
-        inner = NAEESkip(beta, renormalize=renormalize)
-    return BudgetCap(inner, ks, layers=layers) if options.cap else inner
+        inner = NAEESkip(threshold, renormalize=renormalize)
+    if not options.cap:
+        return inner
+    return BudgetCap(inner, layer_allocation(options, moe), layers=moe.layers)
 
 
 def plug_in(options: Options, run: RunContext) -> Integration:

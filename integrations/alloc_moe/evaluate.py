@@ -7,6 +7,7 @@ Everything runs in one process at sp = 1 (`load_checkpoint_model`), without grad
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -20,7 +21,6 @@ from torch import Tensor
 from paradyse import DecoderModel, PackedBatch, token_loss_sum
 from paradyse.checkpoint_state import ModelState
 from paradyse.config import Config
-from paradyse.data.batching import GlobalBatches
 from parallel_lib import CommGroup
 from parallel_lib.routing import RouterRequest, Routing
 
@@ -64,15 +64,9 @@ def unseen_sequences(
     data stream (its source, seed and batch size) that come after the `trained_steps` batches
     the model trained on, in the stream's own order: text the model never saw. The first
     `skip_tokens` of them are passed over (so that calibration and evaluation do not overlap)."""
-    from paradyse.data.sources import open_source
+    from paradyse.data import run_stream
 
-    data, seed = config.data, config.train.seed
-    source = open_source(
-        data.source, path=data.path, tokenizer=data.tokenizer, vocab=config.model.vocab,
-        field=data.field, distribution=data.distribution, count=data.documents, seed=seed,
-    )  # fmt: skip
-    stream = GlobalBatches(source, tokens_per_step=data.tokens_per_step,
-                           max_seq_len=data.max_seq_len, seed=seed)  # fmt: skip
+    stream = run_stream(config.data, config.model.vocab, config.train.seed)
     for _ in range(trained_steps):
         stream.next_batch()
     position = stream.state_dict()
@@ -144,6 +138,19 @@ class Measurement:
     """Pairs computed per real token, summed over the MoE layers."""
 
 
+@contextlib.contextmanager
+def routed(model: DecoderModel, hook):
+    """Every MoE layer of `model` routes through `hook` (None: its own top-k) inside the block."""
+    layers = [layer for layer in model.switchable_layers() if getattr(layer.mlp, "moe", None)]
+    for layer in layers:
+        layer.mlp.hook = hook
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.mlp.hook = None
+
+
 def _batches(sequences: Sequence[np.ndarray], batch_tokens: int) -> list[list[np.ndarray]]:
     batches, current, size = [], [], 0
     for seq in sequences:
@@ -161,13 +168,10 @@ def measure(
 ) -> Measurement:
     """Perplexity of `sequences` under router hook `hook` (None: the model's top-k), and the
     expert loads the MoE layers counted."""
-    layers = [layer for layer in model.switchable_layers() if getattr(layer.mlp, "moe", None)]
-    for layer in layers:
-        layer.mlp.hook = hook
     loss = 0.0
     targets = real = 0
     load: dict[int, Tensor] = {}
-    try:
+    with routed(model, hook):
         for batch_seqs in _batches(sequences, batch_tokens):
             batch = PackedBatch.pack(batch_seqs)
             loss += float(token_loss_sum(model.logits(batch), batch))
@@ -175,9 +179,6 @@ def measure(
             real += sum(batch.seq_lens)
             for index, counts in model.moe_recorder.load.items():
                 load[index] = load.get(index, 0) + counts
-    finally:
-        for layer in layers:
-            layer.mlp.hook = None
     loads = {i: [int(v) for v in counts.tolist()] for i, counts in sorted(load.items())}
     return Measurement(
         perplexity=math.exp(loss / targets),
@@ -195,22 +196,16 @@ def forward_tokens_per_s(
     """(the full routing's, `hook`'s) median tokens/s of the forward (logits) of `sequences`
     as one micro-batch, timed interleaved (full, hook, full, hook, ...) so that the machine's
     load weighs on both alike."""
-    layers = [layer for layer in model.switchable_layers() if getattr(layer.mlp, "moe", None)]
     batch = PackedBatch.pack(list(sequences))
     tokens = sum(batch.seq_lens)
     times: dict[int, list[float]] = {0: [], 1: []}
-    try:
-        for repeat in range(repeats + 1):  # the first round warms up
-            for which, routing in enumerate((None, hook)):
-                for layer in layers:
-                    layer.mlp.hook = routing
+    for repeat in range(repeats + 1):  # the first round warms up
+        for which, routing in enumerate((None, hook)):
+            with routed(model, routing):
                 start = time.perf_counter()
                 model.logits(batch)
                 if repeat:
                     times[which].append(time.perf_counter() - start)
-    finally:
-        for layer in layers:
-            layer.mlp.hook = None
     return tokens / statistics.median(times[0]), tokens / statistics.median(times[1])
 
 

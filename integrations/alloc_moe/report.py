@@ -19,11 +19,11 @@ from . import (
     build_hook,
     calibrate_naee_beta,
     calibrate_top_p,
-    layer_allocation,
+    dynamic_hook,
     moe_layers_of,
 )
 from .evaluate import RoutingTap, forward_tokens_per_s, js_divergence, measure, spearman
-from .hooks import BudgetCap, LayerTopK, NAEESkip, ProbabilityProbe, TopP
+from .hooks import LayerTopK, ProbabilityProbe
 
 __all__ = ["profile_sensitivity", "evaluation_rows", "calibrated_thresholds", "NAMES"]
 
@@ -92,7 +92,8 @@ def evaluation_rows(
             if method == "full":
                 continue
             if method in ("top_p", "naee"):  # calibrated per layer, capped to the budget
-                hook = _dynamic(method, p if method == "top_p" else beta, options, model)
+                threshold = p if method == "top_p" else beta
+                hook = dynamic_hook(method, threshold, replace(options, method=method), model)
             else:
                 hook = build_hook(replace(options, method=method), model)
             tap = RoutingTap(hook)
@@ -106,16 +107,6 @@ def evaluation_rows(
             rows.append(_row(method, budget, got, full, tap.entropy_correlation(), fast, base))
             log(_line(rows[-1]))
     return rows
-
-
-def _dynamic(method: str, thresholds: dict[int, float], options: Options, model):
-    """top_p or NAEE with per-layer calibrated thresholds, held to the budget's uniform shares
-    (`BudgetCap`) when options.cap."""
-    moe = moe_layers_of(model)
-    inner = TopP(thresholds, moe.top_k) if method == "top_p" else NAEESkip(thresholds)
-    if not options.cap:
-        return inner
-    return BudgetCap(inner, layer_allocation(options, model), layers=moe.layers)
 
 
 def _row(method, budget, got, full, entropy_corr, speed, base_speed) -> dict:
