@@ -25,7 +25,7 @@ from planners import InfeasibleError, Planner, PlanningSetup, format_bytes
 from .checkpoint import Checkpointer, CheckpointError, checked_checkpoint, first_start
 from .checkpoint_state import ModelState, OptimizerState, TrainProgress, device_mesh_of
 from .config import Config
-from .data import DataError, GlobalBatches, assign_to_dp, micro_batches, open_source
+from .data import DataError, GlobalBatches, assign_to_dp, micro_batches, run_stream
 from .engine import Engine, LayerHooks, OptimizerWrapper, StepResult
 from .init import InitError, build_model, model_source
 from .integration import Integration, IntegrationError, RunContext, engine_parts, plug_in
@@ -124,13 +124,8 @@ class Trainer:
         """The data source and its stream of global batches."""
         data, train = self.config.data, self.config.train
         try:
-            self.source = open_source(
-                data.source, path=data.path, tokenizer=data.tokenizer,
-                vocab=self.config.model.vocab, field=data.field,
-                distribution=data.distribution, count=data.documents, seed=train.seed,
-            )  # fmt: skip
-            batches = GlobalBatches(self.source, tokens_per_step=data.tokens_per_step,
-                                    max_seq_len=data.max_seq_len, seed=train.seed)  # fmt: skip
+            batches = run_stream(data, self.config.model.vocab, train.seed)
+            self.source = batches.source
         except DataError as error:
             raise RunError(str(error)) from None
         if data.tokens_per_rank < 1:

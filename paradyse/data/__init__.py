@@ -9,7 +9,7 @@ into the global batch of every step, fixed by the seed and independent of the wo
 packs one group's share into micro-batches by a token budget per rank.
 """
 
-from .batching import Batch, GlobalBatches, assign_to_dp, micro_batches
+from .batching import Batch, GlobalBatches, assign_to_dp, micro_batches, run_stream
 from .errors import DataError
 from .instruct import InstructCorpus, target_count
 from .sources import FileCorpus, Source, StdlibCorpus, SyntheticLengths, open_source
@@ -31,5 +31,6 @@ __all__ = [
     "load_tokenizer",
     "micro_batches",
     "open_source",
+    "run_stream",
     "target_count",
 ]

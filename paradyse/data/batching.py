@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import DataError, check_int
 from .instruct import target_count
-from .sources import Source
+from .sources import Source, open_source
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,6 +188,18 @@ class GlobalBatches:
         if min(values.values()) < 0 or values["index"] > len(self.source):
             raise DataError(f"data state {state} is out of range: resume from a valid checkpoint")
         self._position = StreamPosition(**{f.name: values[f.name] for f in fields(StreamPosition)})
+
+
+def run_stream(data, vocab: int, seed: int) -> GlobalBatches:
+    """The stream of global batches of a run's `[data]` config (`paradyse.DataConfig`), with
+    the model's vocabulary and the run's seed: what the trainer trains on, and what a later
+    reader of a checkpoint replays to know which text the model saw (`stream.source`)."""
+    source = open_source(
+        data.source, path=data.path, tokenizer=data.tokenizer, vocab=vocab, field=data.field,
+        distribution=data.distribution, count=data.documents, seed=seed,
+    )  # fmt: skip
+    return GlobalBatches(source, tokens_per_step=data.tokens_per_step,
+                         max_seq_len=data.max_seq_len, seed=seed)  # fmt: skip
 
 
 def assign_to_dp(lengths: Sequence[int], dp: int, cost: Callable[[int], float]) -> list[list[int]]:
