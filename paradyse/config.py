@@ -122,10 +122,16 @@ class ParallelConfig:
     profile: str = ""
     """Cost-model profile JSON ('' = datasheet rates). {sp}, {dtype} and {device} are filled
     in; a missing file is measured on this machine first and written there."""
+    group_size: int = 0
+    """0: adaptive chooses per micro-batch whether the sp group runs as sub-groups of g ranks
+    (g dividing sp), each on its own sequences; g: every micro-batch with at least sp/g
+    sequences runs on sub-groups of g (the others on the whole group)."""
 
     def __post_init__(self) -> None:
         choices = (
             ("sp", self.sp >= 0, "0 (the world size) or a divisor of the world size"),
+            ("group_size", self.group_size >= 0,
+             "0 (the planner chooses) or a divisor of sp"),
             ("strategy", self.strategy in STRATEGY_CHOICES, ", ".join(STRATEGY_CHOICES)),
             ("planner", self.planner in PLANNER_CHOICES, ", ".join(PLANNER_CHOICES)),
             ("recompute", self.recompute in ("", *RECOMPUTE_MODES),
@@ -135,6 +141,11 @@ class ParallelConfig:
             if not ok:
                 value = getattr(self, key)
                 raise ValueError(f"parallel.{key} must be {allowed}; got {value!r}")
+        if self.group_size and self.strategy != "adaptive":
+            raise ValueError(
+                f"parallel.group_size={self.group_size} needs --strategy adaptive (a static "
+                f"strategy runs on the whole sp group); got --strategy {self.strategy}"
+            )
         self.budget_bytes  # noqa: B018  (parses memory_budget, or says what is wrong with it)
 
     @cached_property

@@ -61,6 +61,7 @@ def run_setup(
         model, hardware, sp=sp, dp=dp, dtype=config.train.dtype, budget_bytes=par.budget_bytes,
         profile=profile, shard_optimizer=config.optim.shard_optimizer, devices_per_node=per_node,
         strategies=strategies, recomputes=recomputes, supports=strategy_supports,
+        group_size=par.group_size or None,
     )  # fmt: skip
 
 

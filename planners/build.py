@@ -51,6 +51,13 @@ class PlanningSetup:
     """The recompute modes to consider (None: all)."""
     supports: Supports = field(default=config_supports, repr=False)
     """Which options can run (the cost model's check; the trainer passes parallel_lib's)."""
+    group_sizes: Sequence[int] | None = None
+    """Sub-group sizes g < sp a micro-batch may run on (`parallel_lib.group_size`). None: every
+    divisor of sp when every strategy is allowed and no layer is a mixture of experts (MoE
+    layers run on the whole group), else none."""
+    group_size: int | None = None
+    """Force sub-groups of this size on every micro-batch with enough sequences (the others run
+    on the whole group); None: the planner chooses."""
 
     def __post_init__(self) -> None:
         if self.hardware is None:
@@ -70,6 +77,28 @@ class PlanningSetup:
             raise ValueError(f"the memory budget must be positive, got {self.budget_bytes}")
         if self.profile is not None:
             self.profile.check_matches(dtype=self.dtype)
+        if self.group_size is not None and (self.group_size < 1 or self.sp % self.group_size):
+            divisors = [d for d in range(1, self.sp + 1) if self.sp % d == 0]
+            raise ValueError(
+                f"parallel.group_size={self.group_size} does not divide sp={self.sp}; choose "
+                f"among {divisors} (0: the planner chooses)"
+            )
+        if self.group_size is not None and self.group_size < self.sp and self.moe_layers:
+            raise ValueError(
+                f"parallel.group_size={self.group_size}: mixture-of-experts layers run on the "
+                "whole sp group; leave it 0 (or set it to sp)"
+            )
+
+    @property
+    def sub_group_sizes(self) -> tuple[int, ...]:
+        """The sub-group sizes g < sp whose options are priced (see `group_sizes`)."""
+        if self.group_size is not None:
+            return (self.group_size,) if self.group_size < self.sp else ()
+        if self.group_sizes is not None:
+            return tuple(int(g) for g in self.group_sizes if g < self.sp)
+        if self.strategies is not None or self.moe_layers:
+            return ()
+        return tuple(d for d in range(1, self.sp) if self.sp % d == 0)
 
     @property
     def budget(self) -> float:
@@ -113,8 +142,9 @@ class PlanningSetup:
     def costs(self) -> LayerCosts:
         """The options the setup allows, priced per micro-batch (cached)."""
         options = enumerate_options(
-            self.shape, self.sp, self.strategies, self.recomputes, supports=self.supports
-        )
+            self.shape, self.sp, self.strategies, self.recomputes, supports=self.supports,
+            group_sizes=self.sub_group_sizes,
+        )  # fmt: skip
         return LayerCosts(
             CostModel(self.hardware, self.profile), self.shape, self.model.layers, self.sp,
             options, dtype=self.dtype, vocab=self.model.vocab, nodes_spanned=self.nodes_spanned,
@@ -145,7 +175,7 @@ class PlanningSetup:
             self.costs, self.budget, static_bytes=self.static_bytes,
             offloadable_bytes=self._per_layer("layer_moments"),
             frozen_bytes=self._per_layer("layer_gradients"),
-            method=method, hysteresis=hysteresis,
+            method=method, hysteresis=hysteresis, group_size=self.group_size,
         )  # fmt: skip
 
     def _per_layer(self, name: str) -> list[int]:

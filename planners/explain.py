@@ -28,9 +28,13 @@ __all__ = ["main", "baseline_methods", "report"]
 
 
 def baseline_methods(options) -> list[Method]:
-    """exact, paradyse, then static:NAME for every strategy among the options."""
-    strategies = list(dict.fromkeys(o.strategy for o in options))
-    return [Method("exact"), Method("paradyse")] + [Method("static", s) for s in strategies]
+    """exact, paradyse, then static:NAME for every strategy among the options, and
+    static:gN:NAME for those that also run on sub-groups of N (a batch with fewer sequences than
+    sub-groups runs NAME on the whole group)."""
+    whole = list(dict.fromkeys(o.strategy for o in options if o.group is None))
+    grouped = dict.fromkeys(f"g{o.group}:{o.strategy}" for o in options
+                            if o.group is not None and o.strategy in whole)  # fmt: skip
+    return [Method("exact"), Method("paradyse")] + [Method("static", s) for s in (*whole, *grouped)]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ def test_explain_prints_the_plan_and_every_method(capsys) -> None:
     )  # fmt: skip
     assert code == 0 and err == ""
     plan = re.search(r"^plan \(exact\): (.+)$", out, re.M)
-    assert plan and re.fullmatch(r"[a-z_0-9x+]+ x\d+( \| [a-z_0-9x+]+ x\d+)*", plan.group(1))
+    assert plan and re.fullmatch(r"[a-z_0-9x+:]+ x\d+( \| [a-z_0-9x+:]+ x\d+)*", plan.group(1))
     for method in ("exact", "paradyse", "static:tp_sp", "static:ulysses", "static:ring",
                    "static:usp", "static:metp"):  # fmt: skip
         assert re.search(rf"^{re.escape(method)} +\S", out, re.M), method
@@ -82,7 +82,7 @@ def test_simulation_benchmark_prints_every_method_and_the_papers_figures(capsys)
 def test_planner_speed_benchmark_runs(capsys) -> None:
     assert planner_speed.main(["--batches", "6"]) == 0
     out = capsys.readouterr().out
-    assert "identical layers: 6 instances of 80 layers x 18 options" in out
+    assert "identical layers: 6 instances of 80 layers x 45 options" in out
     assert re.search(r"^choose\(exact\) median \d+\.\d+ ms .* cached plan \d+\.\d us$", out, re.M)
 
 
