@@ -32,7 +32,14 @@ class MethodResult:
 
     @property
     def static(self) -> bool:
-        return self.method.startswith("static:")
+        """A static strategy on the whole sp group (a fixed group: what 'best static' and the
+        oracle choose among)."""
+        return self.method.startswith("static:") and not self.grouped
+
+    @property
+    def grouped(self) -> bool:
+        """A static strategy on sub-groups of N ranks (static:gN:NAME)."""
+        return self.method.startswith("static:g") and ":" in self.method[len("static:") :]
 
 
 @dataclass
@@ -120,6 +127,9 @@ def summarise(results: list[MethodResult], lengths: list[int]) -> dict:
         "best_static_rate": best_rate,
         "oracle_rate": oracle,
         "adaptive_over_best": adaptive / best_rate if best else float("nan"),
+        "predicted_adaptive_over_best": (
+            predicted.get("exact", 0.0) / predicted[best.method] if best else float("nan")
+        ),
         "adaptive_over_oracle": adaptive / oracle,
         "unfit_best": best.unfit if best else 0,
     }

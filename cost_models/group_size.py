@@ -4,9 +4,11 @@ Sub-group o runs the strategy at P = g on its own sequences; the sub-groups meet
 weight gather (each 1/g shard is gathered from the P/g ranks holding its 1/P pieces, one of them
 in each sub-group), so a layer costs what its slowest sub-group costs, plus that gather:
 
-    forward   all-gather of the layer's four weight shards over P/g ranks (sends (P/g - 1) n)
-    backward  reduce-scatter of their gradients (trainable layers only), and the gathers again
-              for what the recompute mode recomputes (full: all four; selective: the MLP's two)
+    forward   all-gather of the layer's weight shards over P/g ranks (sends (P/g - 1) n), one
+              call for attention's two shards and one for the MLP's
+    backward  reduce-scatter of their gradients (trainable layers only: two calls), and the
+              gathers again for what the recompute mode recomputes (full: both; selective: the
+              MLP's)
 
 The gathered 1/g shards are held like any operand: saved for the backward where the layer keeps
 its matmul inputs (none: all; selective: attention's), a transient otherwise; their gradients are
@@ -73,13 +75,13 @@ def gather_traffic(shape, P: int, g: int, dtype, recompute: str, trainable: bool
     e = itemsize(dtype)
     attention, mlp = _shard_numels(shape, P)
     sent = {"attention": (u - 1) * attention * e, "mlp": (u - 1) * mlp * e}
-    forward = {"all_gather": (sent["attention"] + sent["mlp"], 4)}
+    forward = {"all_gather": (sent["attention"] + sent["mlp"], 2)}  # one call per half
     regathered = {"full": ("attention", "mlp"), "selective": ("mlp",)}.get(recompute, ())
     backward = {}
     if regathered:
-        backward["all_gather"] = (sum(sent[p] for p in regathered), 2 * len(regathered))
+        backward["all_gather"] = (sum(sent[p] for p in regathered), len(regathered))
     if trainable:  # the gathered gradients' reduce-scatter: (u - 1)/u of u n bytes
-        backward["reduce_scatter"] = (sent["attention"] + sent["mlp"], 4)
+        backward["reduce_scatter"] = (sent["attention"] + sent["mlp"], 2)
     return forward, backward
 
 

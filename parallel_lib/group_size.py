@@ -76,31 +76,38 @@ def split_group(group: CommGroup, size: int) -> GroupSplit:
     return GroupSplit(size, compute, gather, group.rank % (P // size))
 
 
-def _interleave(gathered: Tensor, blocks: Sequence[int], parts: int) -> Tensor:
-    """Rows of `parts` gathered shards, each [block 0; block 1; ...] of the row counts `blocks`,
-    reordered as [every shard's block 0; every shard's block 1; ...]."""
-    if parts == 1 or len(blocks) == 1:
-        return gathered
-    per_shard = gathered.view(parts, sum(blocks), gathered.shape[-1])
-    pieces = per_shard.split(list(blocks), dim=1)
-    return torch.cat([p.reshape(-1, gathered.shape[-1]) for p in pieces])
+def _gather_pair(first: Tensor, second: Tensor, split: GroupSplit) -> tuple[Tensor, Tensor]:
+    """Two (rows, H) shards gathered over the gather group in one all-gather (backward: one
+    reduce-scatter): every member's [first; second] rows, returned as (u, rows, H) views."""
+    u, a = split.gather.size, first.shape[0]
+    both = all_gather_tokens(torch.cat([first, second]), split.gather)
+    both = both.view(u, a + second.shape[0], first.shape[-1])
+    return both[:, :a], both[:, a:]
+
+
+def _blocks_major(per_shard: Tensor, blocks: Sequence[int]) -> Tensor:
+    """(u, sum(blocks), H) rows of u shards, each [block 0; block 1; ...], reordered as
+    [every shard's block 0; every shard's block 1; ...] (2-D)."""
+    H = per_shard.shape[-1]
+    return torch.cat([p.reshape(-1, H) for p in per_shard.split(list(blocks), dim=1)])
 
 
 def regroup_attention(w: AttentionWeights, split: GroupSplit) -> AttentionWeights:
     """This rank's 1/P attention shards -> the 1/g shards of its sub-group position (forward:
-    all-gather over the gather group; backward: reduce-scatter of the gradients)."""
+    one all-gather over the gather group; backward: one reduce-scatter of the gradients)."""
     if split.gather.size == 1:
         return w
-    shape, u, P = w.shape, split.gather.size, split.sp
+    shape, P = w.shape, split.sp
     hq, hk = shape.heads // P * shape.head_dim, shape.kv_heads // P * shape.head_dim
-    qkv = _interleave(all_gather_tokens(w.qkv, split.gather), (hq, hk, hk), u)
-    return AttentionWeights(qkv, all_gather_tokens(w.out, split.gather), shape)
+    qkv, out = _gather_pair(w.qkv, w.out, split)
+    return AttentionWeights(_blocks_major(qkv, (hq, hk, hk)), out.reshape(-1, out.shape[-1]),
+                            shape)  # fmt: skip
 
 
 def regroup_mlp(w: MlpWeights, split: GroupSplit) -> MlpWeights:
     """The dense SwiGLU's 1/P shards -> 1/g shards (gate_up = [gate rows; up rows] per shard)."""
     if split.gather.size == 1:
         return w
-    u, f = split.gather.size, w.shape.ffn_hidden // split.sp
-    gate_up = _interleave(all_gather_tokens(w.gate_up, split.gather), (f, f), u)
-    return MlpWeights(gate_up, all_gather_tokens(w.down, split.gather), w.shape)
+    f = w.shape.ffn_hidden // split.sp
+    gate_up, down = _gather_pair(w.gate_up, w.down, split)
+    return MlpWeights(_blocks_major(gate_up, (f, f)), down.reshape(-1, down.shape[-1]), w.shape)

@@ -9,6 +9,7 @@ gets the same plans without communicating.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -222,14 +223,20 @@ class Planner:
 
     def _static_fallback(self, tables: CostTables) -> Method:
         """The method, except that a static 'gN:NAME' runs NAME on the whole group for a batch
-        with fewer sequences than sub-groups."""
+        with fewer sequences than sub-groups (InfeasibleError where NAME has no whole-group
+        option, as local)."""
         method = self.method
         if not method.static or option_group(method.label) is None:
             return method
         columns = method.columns(self.labels)
         if np.isfinite(tables.time[:, columns]).any(axis=1).all():
             return method
-        return Method("static", method.label.split(":", 1)[1])
+        whole = Method("static", method.label.split(":", 1)[1])
+        try:
+            whole.columns(self.labels)
+        except ValueError:  # g1:local: no whole-group counterpart
+            raise InfeasibleError(math.inf, self.budget_bytes, method=str(method)) from None
+        return whole
 
     def _decide(self, entry: _Entry) -> Plan:
         best = self._make(entry, entry.best)

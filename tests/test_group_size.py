@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cost_models.group_size import assign_sequences
+from cost_models.counts import comm_bytes
+from cost_models.group_size import assign_sequences, gather_traffic
 from paradyse import PackedBatch
-from parallel_lib import RECOMPUTE_MODES, STRATEGY_NAMES, get_strategy, split_group
+from parallel_lib import RECOMPUTE_MODES, STRATEGY_NAMES, count_bytes, get_strategy, split_group
 
 from .harness import run_distributed
 from .layer_cases import SHAPE, Case, assert_close, mesh_for, uneven_lengths
@@ -63,8 +64,18 @@ def group_case() -> None:
                 stored = {n: p.data_ptr() for n, p in layer.named_parameters()}
                 layer.set_option(name, recompute, group_size=g)
                 x = case.local(batch, pick(case.xs)).float().requires_grad_()
-                y = layer(x, batch)
-                y.backward(case.local(batch, pick(case.dys)).float())
+                with count_bytes(mesh.sp_group) as fwd:
+                    y = layer(x, batch)
+                with count_bytes(mesh.sp_group) as bwd:
+                    y.backward(case.local(batch, pick(case.dys)).float())
+                # bytes sent = the strategy's at P = g on the sub-group + the weight gathers
+                own = comm_bytes(SHAPE, name, batch.total_tokens, g, "float32", recompute)
+                gathers = gather_traffic(SHAPE, P, g, "float32", recompute)
+                for got, mine, extra in ((fwd, own[0], gathers[0]), (bwd, own[1], gathers[1])):
+                    want = dict(mine)
+                    for kind, (nbytes, _) in extra.items():
+                        want[kind] = want.get(kind, 0) + nbytes
+                    assert got.snapshot() == {k: v for k, v in want.items() if v}, what
                 layer.reduce_replicated_grads()
                 assert_close(y[real], case.local(batch, pick(out))[real], 1e-5, f"{what} out")
                 assert_close(x.grad[real], case.local(batch, pick(dx))[real], 1e-5, f"{what} dx")
@@ -75,6 +86,6 @@ def group_case() -> None:
                 assert now == stored, f"{what}: a parameter moved"
 
 
-@pytest.mark.parametrize("P", [2, 4])
-def test_sub_groups_match_reference(P: int) -> None:
-    run_distributed(P, group_case)
+def test_sub_groups_match_reference() -> None:
+    """P = 4: sub-groups of 1 (local) and of 2 (every strategy that runs on two ranks)."""
+    run_distributed(4, group_case)
