@@ -298,9 +298,8 @@ def measure_ceiling(bench: Bench, lengths, batches, statics, repeats: int) -> Ce
     names = {m.removeprefix("static:") for m in statics}
     unlimited = bench.unlimited()
     every = unlimited.setup.costs.options
-    options = [
-        f"{o.name.split('+')[0]}+{o.recompute}" for o in every if o.strategy in names
-    ]  # fmt: skip
+    labels = {o: o.strategy if o.group is None else f"g{o.group}:{o.strategy}" for o in every}
+    options = [f"{o.name.split('+')[0]}+{o.recompute}" for o in every if labels[o] in names]
     results = run_methods([f"static:{o}" for o in options], unlimited, first, [0], repeats)
     return Ceiling(distinct, options, {o: r.seconds for o, r in zip(options, results,
                                                                    strict=True)})  # fmt: skip
@@ -388,14 +387,15 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
     if args.ceiling:
         statics = [m for m in methods if m.startswith("static:")]
         ceiling = measure_ceiling(bench, lengths, batches, statics, args.repeats)
-        lines += ceiling_report(ceiling, results, lengths, summary)
+        per_length = {n: k * n for n, k in zip(lengths, counts, strict=True)}
+        lines += ceiling_report(ceiling, results, lengths, summary, per_length)
         summary["ceiling"] = {"lengths": ceiling.lengths, "seconds": ceiling.seconds}
     lines.append(f"{time.perf_counter() - start:.0f} s")
     lines.append(f"predicted adaptive/best-static = {summary['predicted_adaptive_over_best']:.2f}x")
     lines.append(headline(summary))
     for line in lines:
         say(line)
-    summary.update(lines=lines, lengths=lengths, methods=methods,
+    summary.update(lines=lines, lengths=lengths, counts=counts, methods=methods,
                    seconds={r.method: r.seconds for r in results},
                    plans={r.method: r.plans for r in results})  # fmt: skip
     if own_mesh and dist.is_initialized():
