@@ -134,6 +134,7 @@ class LayerCosts:
         cache_size: int = 4096,
         moe=None,
         moe_layers: Sequence[int] = (),
+        logits_chunk: int = 0,
     ) -> None:
         if layers < 1:
             raise ValueError(f"the model needs at least one layer, got {layers}")
@@ -147,6 +148,8 @@ class LayerCosts:
         self.options = list(options)
         self.dtype, self.vocab, self.nodes_spanned = dtype, vocab, nodes_spanned
         self.cache_size = cache_size
+        self.logits_chunk = logits_chunk
+        """Tokens per chunk of the loss's logits (`cost_models.logits_bytes`; 0: whole logits)."""
         self._cache: OrderedDict[tuple, CostTables] = OrderedDict()
 
     def signature(self, seq_lens: Sequence[int]) -> tuple[int, ...]:
@@ -188,7 +191,7 @@ class LayerCosts:
             return found
         kinds = [(i not in frozen, i in self.moe_layers) for i in range(self.layers)]
         rows = {kind: self._row(key, *kind) for kind in dict.fromkeys(kinds)}
-        head = logits_bytes(sum(key), self.vocab, self.P) if self.vocab else 0
+        head = logits_bytes(sum(key), self.vocab, self.P, self.logits_chunk) if self.vocab else 0
         per_layer = [rows[kind] for kind in kinds]
 
         def stack(k: int) -> np.ndarray:
