@@ -226,7 +226,8 @@ class MethodRun:
         self.planner = bench.planner(method)
         dtype = getattr(torch, config.train.dtype)
         model = DecoderModel(config.model, mesh.sp_group, seed=config.train.seed, dtype=dtype,
-                             device=mesh.device)  # fmt: skip
+                             device=mesh.device,
+                             logits_chunk=config.train.logits_chunk)  # fmt: skip
         self.engine = Engine(model, mesh, self.planner, config.optim, total_steps=steps,
                              measure_memory=False)  # fmt: skip
 

@@ -17,6 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from cost_models import LOGITS_CHUNK
 from parallel_lib import RECOMPUTE_MODES, STRATEGY_NAMES
 from planners import parse_bytes
 
@@ -83,6 +84,9 @@ class TrainConfig:
     """Compute dtype: float32 or bfloat16 (master weights and optimizer state stay float32)."""
     measure_memory: bool = True
     """Measure every step's peak memory (MemTracker on CPU, slows CPU steps about 2x)."""
+    logits_chunk: int = LOGITS_CHUNK
+    """Tokens per chunk of the loss's LM head and cross-entropy, recomputed in backward, so the
+    (tokens x vocab) float32 logits never exist at once (0 = the whole logits at once)."""
     metrics: str = ""
     """JSONL file for one record per step ('' = none)."""
     progress: bool = True
@@ -101,6 +105,9 @@ class TrainConfig:
             raise ValueError(f"train.seed must be >= 0, got {self.seed}")
         if self.save_every < 0:
             raise ValueError(f"train.save_every must be >= 0, got {self.save_every}")
+        if self.logits_chunk < 0:
+            raise ValueError(f"train.logits_chunk must be >= 0 (0: whole logits), got "
+                             f"{self.logits_chunk}")  # fmt: skip
         if self.dtype not in DTYPES:
             raise ValueError(f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 

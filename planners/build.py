@@ -1,9 +1,9 @@
 """The one way to build a planner: for the trainer, `planners.explain` and the benchmarks alike.
 
 A `PlanningSetup` names everything a plan depends on (the model's shape, the machine and its
-profile, the group sizes and nodes, the dtype, the budget, the optimizer's sharding), prices the
-options once, and builds `Planner`s for any method over those shared cost tables. Two callers
-with the same setup get the same plans and predicted peaks.
+profile, the group sizes and nodes, the dtype, the budget, the optimizer's sharding, the loss's
+logits chunk), prices the options once, and builds `Planner`s for any method over those shared
+cost tables. Two callers with the same setup get the same plans and predicted peaks.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from cost_models import CostModel, Hardware, Profile, detect, static_memory
+from cost_models import LOGITS_CHUNK, CostModel, Hardware, Profile, detect, static_memory
 from cost_models.counts import dtype_name
 from cost_models.static import vocab_transient_bytes
 
@@ -58,6 +58,9 @@ class PlanningSetup:
     group_size: int | None = None
     """Force sub-groups of this size on every micro-batch with enough sequences (the others run
     on the whole group); None: the planner chooses."""
+    logits_chunk: int = LOGITS_CHUNK
+    """Tokens per chunk of the loss's head and cross-entropy (`train.logits_chunk`): the LM
+    head's transient is one chunk's logits (`cost_models.logits_bytes`); 0: the whole logits."""
 
     def __post_init__(self) -> None:
         if self.hardware is None:
@@ -72,6 +75,8 @@ class PlanningSetup:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
+            raise ValueError(f"logits_chunk must be tokens >= 0, got {self.logits_chunk!r}")
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
         if self.budget_bytes is not None and not self.budget_bytes > 0:
             raise ValueError(f"the memory budget must be positive, got {self.budget_bytes}")
@@ -148,7 +153,7 @@ class PlanningSetup:
         return LayerCosts(
             CostModel(self.hardware, self.profile), self.shape, self.model.layers, self.sp,
             options, dtype=self.dtype, vocab=self.model.vocab, nodes_spanned=self.nodes_spanned,
-            moe=self.moe, moe_layers=self.moe_layers,
+            moe=self.moe, moe_layers=self.moe_layers, logits_chunk=self.logits_chunk,
         )  # fmt: skip
 
     @cached_property

@@ -153,6 +153,7 @@ class LayerCosts:
         cache_size: int = 4096,
         moe=None,
         moe_layers: Sequence[int] = (),
+        logits_chunk: int = 0,
     ) -> None:
         if layers < 1:
             raise ValueError(f"the model needs at least one layer, got {layers}")
@@ -166,6 +167,8 @@ class LayerCosts:
         self.options = list(options)
         self.dtype, self.vocab, self.nodes_spanned = dtype, vocab, nodes_spanned
         self.cache_size = cache_size
+        self.logits_chunk = logits_chunk
+        """Tokens per chunk of the loss's logits (`cost_models.logits_bytes`; 0: whole logits)."""
         self._cache: OrderedDict[tuple, CostTables] = OrderedDict()
 
     def signature(self, seq_lens: Sequence[int]) -> tuple[int, ...]:
@@ -211,12 +214,12 @@ class LayerCosts:
         if not self.vocab:
             return 0.0
         if g is None:
-            return logits_bytes(sum(key), self.vocab, self.P)
+            return logits_bytes(sum(key), self.vocab, self.P, self.logits_chunk)
         members = self.sub_groups(key, g)
         if members is None:
             return 0.0
-        return max(logits_bytes(sum(pad_length(key[i], g) for i in m), self.vocab, g)
-                   for m in members)  # fmt: skip
+        return max(logits_bytes(sum(pad_length(key[i], g) for i in m), self.vocab, g,
+                                self.logits_chunk) for m in members)  # fmt: skip
 
     def _row(self, key: tuple[int, ...], trainable: bool, moe: bool) -> tuple[list, list, list]:
         """(time, saved, transient) of every option for one layer (a MoE layer's: `moe`); an
@@ -239,7 +242,7 @@ class LayerCosts:
             return found
         kinds = [(i not in frozen, i in self.moe_layers) for i in range(self.layers)]
         rows = {kind: self._row(key, *kind) for kind in dict.fromkeys(kinds)}
-        head = logits_bytes(sum(key), self.vocab, self.P) if self.vocab else 0
+        head = logits_bytes(sum(key), self.vocab, self.P, self.logits_chunk) if self.vocab else 0
         heads = np.array([self._head_bytes(key, o.group) for o in self.options], np.float64)
         per_layer = [rows[kind] for kind in kinds]
 
