@@ -47,8 +47,8 @@ def calibrate_sub_groups(mesh, shape, dtype, profile, lengths, raw, step_times, 
             points.append((lens, layout, x.requires_grad_(), torch.randn_like(x)))
         for name in STRATEGIES:
             strategy = get_strategy(name)
-            if name == "usp" or not strategy.supports(shape, g)[0]:
-                continue
+            if name == "usp" or (g == 1) != (name == "local") or not strategy.supports(shape, g)[0]:
+                continue  # what the planner offers on sub-groups (`planners.enumerate_options`)
             rows = []
             for recompute in RECOMPUTE_MODES:
                 for lens, layout, x, dy in points:

@@ -127,6 +127,9 @@ class SwitchableDecoderLayer(nn.Module):
         """What forward() runs when the call names no strategy (the engine sets it per plan)."""
         self.recompute = "none"
         """The recompute mode forward() uses when the call names none."""
+        self.option_group = P
+        """The group size `strategy` was set for: a batch on another group size (evaluating a
+        whole-group batch after training on sub-groups) runs the default strategy instead."""
         if random_init:
             generator = torch.Generator().manual_seed(seed)
             full = init_full_weights(shape, generator)
@@ -210,6 +213,7 @@ class SwitchableDecoderLayer(nn.Module):
             raise ValueError(f"unknown recompute mode {recompute!r}; choose from {RECOMPUTE_MODES}")
         self._strategy(strategy, group_size)
         self.strategy, self.recompute = strategy, recompute
+        self.option_group = group_size or self.group.size
 
     def forward(
         self,
@@ -224,12 +228,14 @@ class SwitchableDecoderLayer(nn.Module):
         `parallel_lib.decoder_layer_step` for the recompute modes. A batch packed for a
         sub-group (`batch.split`) runs the strategy on that sub-group, with the weights gathered
         from the whole group's shards for the step."""
-        strategy = self.strategy if strategy is None else strategy
-        recompute = self.recompute if recompute is None else recompute
         split = getattr(batch, "split", None)
         if split is not None and split.size == self.group.size:
             split = None
         group = self.group if split is None else split.compute
+        if strategy is None and self.option_group != group.size:
+            strategy, recompute = ("local" if group.size == 1 else "tp_sp"), recompute or "none"
+        strategy = self.strategy if strategy is None else strategy
+        recompute = self.recompute if recompute is None else recompute
         strat = self._strategy(strategy, group.size)
         return decoder_layer_step(
             x, self.weights(batch), batch.layout, group, strat, recompute, split

@@ -84,7 +84,7 @@ def test_profile_then_validate_on_two_ranks(tmp_path) -> None:
     assert info["groups"] == [2]
     profile = Profile.load(out)  # the written file is a valid, current profile
     assert profile.machine["world_size"] == 2 and profile.reduce_scatter_copy
-    assert set(profile.calibration) == {"tp_sp", "ulysses", "ring", "metp"}
+    assert set(profile.calibration) == {"tp_sp", "ulysses", "ring", "metp", "g1:local"}
     assert set(profile.calibration_points) >= {"tp_sp/none", "ring/full"}
     cost = CostModel(get_preset("cpu"), profile).layer_cost(SHAPE, "ring", "none", [40, 8], 2)
     assert cost.time_s > 0

@@ -351,7 +351,7 @@ def test_the_planner_prices_moe_and_dense_layers_by_their_own_rows() -> None:
     planner = setup.planner()
     assert planner.frozen_bytes[0] == setup.static.layer_gradients
     assert planner.frozen_bytes[1] == setup.static.moe_layer_gradients > planner.frozen_bytes[0]
-    all_dense = PlanningSetup(replace(config, moe=None), get_preset("cpu"), sp=P)
+    all_dense = PlanningSetup(replace(config, moe=None), get_preset("cpu"), sp=P, group_sizes=())
     assert np.array_equal(all_dense.costs.tables(lens).time[1], tables.time[0])
     with pytest.raises(ValueError, match="experts .8. is not divisible by the group size 3"):
         PlanningSetup(replace(config, heads=6, kv_heads=3, layers=3), get_preset("cpu"), sp=3)
