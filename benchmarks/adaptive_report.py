@@ -32,7 +32,14 @@ class MethodResult:
 
     @property
     def static(self) -> bool:
-        return self.method.startswith("static:")
+        """A static strategy on the whole sp group (a fixed group: what 'best static' and the
+        oracle choose among)."""
+        return self.method.startswith("static:") and not self.grouped
+
+    @property
+    def grouped(self) -> bool:
+        """A static strategy on sub-groups of N ranks (static:gN:NAME)."""
+        return self.method.startswith("static:g") and ":" in self.method[len("static:") :]
 
 
 @dataclass
@@ -56,26 +63,30 @@ def uniform_label(plan: str) -> str:
 
 
 def ceiling_report(ceiling: Ceiling, results: list[MethodResult], lengths: list[int],
-                   summary: dict) -> list[str]:  # fmt: skip
+                   summary: dict, tokens: dict[int, int] | None = None) -> list[str]:  # fmt: skip
     """The per-length table and `ceiling/best-static`, both from the ceiling pass: the best
     static's time for a batch is that of the option it ran there in the main pass; the
     ceiling's is the fastest option whatever its memory, over the batches the exact planner
     ran (a bound on the headline's adaptive/best-static up to the two passes' noise, as
-    layer-wise plans cost a mix of these options' per-layer times)."""
+    layer-wise plans cost a mix of these options' per-layer times). `tokens`: a batch's tokens
+    by its sequences' length (default: the length, one sequence). An option that cannot run a
+    batch (sub-groups of one rank, fewer sequences) is left out of its column."""
     index = {n: i for i, n in enumerate(ceiling.lengths)}
-    fastest = [min(ceiling.seconds[o][i] for o in ceiling.options)
+    size = tokens or {n: n for n in ceiling.lengths}
+    fastest = [min(t[i] for t in ceiling.seconds.values() if t[i] is not None)
                for i in range(len(ceiling.lengths))]  # fmt: skip
     best = next(r for r in results if r.method == summary["best_static"])
     exact = next(r for r in results if r.method == "exact")
     ran = [(n, uniform_label(p)) for n, p, s in zip(lengths, best.plans, best.seconds,
                                                    strict=True) if s is not None]  # fmt: skip
-    static_rate = sum(n for n, _ in ran) / sum(ceiling.seconds[o][index[n]] for n, o in ran)
+    static_rate = sum(size[n] for n, _ in ran) / sum(ceiling.seconds[o][index[n]] for n, o in ran)
     fit = [n for n, s in zip(lengths, exact.seconds, strict=True) if s is not None]
-    bound = sum(fit) / sum(fastest[index[n]] for n in fit)
+    bound = sum(size[n] for n in fit) / sum(fastest[index[n]] for n in fit)
     lines = ["", "ceiling: every uniform option, ms per step (median), no memory limit"]
     lines.append(f"{'option':<24} " + " ".join(f"{n:>6}" for n in ceiling.lengths))
     for option in ceiling.options:
-        cells = " ".join(f"{s * 1e3:>6.0f}" for s in ceiling.seconds[option])
+        cells = " ".join("     -" if s is None else f"{s * 1e3:>6.0f}"
+                         for s in ceiling.seconds[option])  # fmt: skip
         lines.append(f"{option:<24} {cells}")
     lines.append(f"{'fastest':<24} " + " ".join(f"{s * 1e3:>6.0f}" for s in fastest))
     lines.append(
@@ -120,6 +131,9 @@ def summarise(results: list[MethodResult], lengths: list[int]) -> dict:
         "best_static_rate": best_rate,
         "oracle_rate": oracle,
         "adaptive_over_best": adaptive / best_rate if best else float("nan"),
+        "predicted_adaptive_over_best": (
+            predicted.get("exact", 0.0) / predicted[best.method] if best else float("nan")
+        ),
         "adaptive_over_oracle": adaptive / oracle,
         "unfit_best": best.unfit if best else 0,
     }

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/adaptive_vs_static.py \\
         [--memory-budget 128MiB] [--batches 8] [--min-tokens 64] [--max-tokens 8192] [--seed 0] \\
-        [--repeats 3] [--ceiling] [--predict]
+        [--repeats 3] [--sequences N] [--ceiling] [--predict]
 
 The model is launch/configs/cpu_tiny.toml's (override with --config / --set), trained by the real
 `paradyse.Engine` on one switchable group of every rank (sp = world size). The micro-batches are
@@ -10,11 +10,19 @@ windows of the default corpus (the standard library's sources, byte tokens): `--
 spaced geometrically from --min-tokens to --max-tokens (two decades by default), each cut from a
 document of at least that length, shuffled; all fixed by --seed, so every method sees the same
 batches in the same order. Short lengths repeat (ceil(sqrt(8192 / n)) copies) so that they weigh
-in the total time as they do in training; `--no-repeat` uses each length once.
+in the total time as they do in training; `--no-repeat` uses each length once. A micro-batch
+holds `--sequences` windows of its length from different documents (default: as many as fit in
+--max-tokens tokens, at most sp: one per rank for the short lengths, one in all for the longest):
+a fixed-group strategy spreads every one over all sp ranks, while sub-groups (the group size per
+micro-batch) may give each rank or pair of ranks its own. `--sequences 1` is the
+single-sequence mix of earlier rounds.
 
-Methods: `exact` and `paradyse` (adaptive: a plan per micro-batch, per layer) and `static:NAME`
-for every strategy the model supports at this sp (one strategy on every layer, with the fastest
-recompute mode that fits, uniform over the layers). Each method gets a fresh model (same seed),
+Methods: `exact` and `paradyse` (adaptive: a plan per micro-batch, per layer, and a group size
+per micro-batch), `static:NAME` for every strategy the model supports at this sp (one strategy
+on every layer of the whole group, with the fastest recompute mode that fits, uniform over the
+layers), and `static:gN:NAME` for every strategy on sub-groups of N ranks (g1:local is FSDP's
+way: every rank its own sequences, whole weights gathered; a batch with fewer sequences than
+sub-groups runs NAME on the whole group). Each method gets a fresh model (same seed),
 its own planner at the same per-rank budget, and an Engine; every micro-batch is an optimizer
 step (forward + backward + optimizer), timed by the engine on the slowest rank. The methods are
 interleaved: each micro-batch runs `--repeats` times on every method, the methods taking turns in
@@ -27,15 +35,17 @@ Definitions (the table and the last line):
 - tokens/s of a method: the tokens of the micro-batches it ran / the sum of their step times;
   "predicted x" is the same ratio to the best static from the cost model's times of the plans.
 - unfit: micro-batches it could not fit in the budget.
-- best static: the static strategy with the highest tokens/s over the micro-batches it can run,
-  whatever its unfit count (so a static that skips the long batches is judged on the rest; its
-  unfit count is printed beside it).
+- best static: the static strategy on the whole group (a fixed group; static:gN rows are shown,
+  not chosen) with the highest tokens/s over the micro-batches it can run, whatever its unfit
+  count (so a static that skips the long batches is judged on the rest; its unfit count is
+  printed beside it).
 - oracle: per micro-batch, the fastest measured static strategy among those that fit it, in
   hindsight; oracle tokens/s = all tokens / the sum of those per-batch best times (a batch no
   static fits takes the exact planner's time, one nothing fits is left out; with the default
   budget every static fits every batch).
 - the last line: `adaptive/best-static = X.XXx  adaptive/oracle = Y.YYx  unfit(best-static) = N`,
-  adaptive = the exact planner. The ratios compare tokens/s.
+  adaptive = the exact planner. The ratios compare tokens/s; the line before it gives the cost
+  model's prediction of adaptive/best-static.
 
 `--ceiling` adds a pass that measures every uniform option (each strategy, split and recompute
 mode on every layer) on one micro-batch of every distinct length, with no memory limit, and
@@ -107,6 +117,25 @@ def micro_batch_lengths(
     return [lengths[i] for i in order]
 
 
+def micro_batches_of(lengths: list[int], counts: list[int], seed: int) -> list[list[list[int]]]:
+    """Per length n and count k, k windows of n tokens (`corpus_windows`)."""
+    windows = corpus_windows([n for n, k in zip(lengths, counts, strict=True)
+                              for _ in range(k)], seed)  # fmt: skip
+    batches, start = [], 0
+    for k in counts:
+        batches.append(windows[start : start + k])
+        start += k
+    return batches
+
+
+def sequences_per_batch(lengths: list[int], wanted: int, sp: int, max_tokens: int) -> list[int]:
+    """Per length, `wanted` sequences, or (wanted 0) as many as fit in `max_tokens` tokens, at
+    most sp and at least one: a micro-batch filled to a token budget, as training forms them."""
+    if wanted:
+        return [wanted] * len(lengths)
+    return [max(1, min(sp, max_tokens // n)) for n in lengths]
+
+
 def corpus_windows(lengths: list[int], seed: int) -> list[list[int]]:
     """Per length, a window of that many tokens of a default-corpus document at least as long,
     chosen by the seed (the corpus is sorted by path, so the same on every rank)."""
@@ -172,6 +201,12 @@ def methods_for(config, sp: int, wanted: str) -> list[str]:
     ]  # fmt: skip
     if sp == 1:
         names += ["static:local"]
+    for g in [d for d in range(sp - 1, 0, -1) if sp % d == 0]:  # sub-groups of g ranks
+        names += [
+            f"static:g{g}:{s}" for s in STRATEGY_NAMES
+            if s != "usp" and (s == "local") == (g == 1)
+            and get_strategy(s).supports(config.model.shape, g)[0]
+        ]  # fmt: skip
     if wanted != "all":
         chosen = wanted.split(",")
         unknown = [m for m in chosen if m not in names]
@@ -191,15 +226,17 @@ class MethodRun:
         self.planner = bench.planner(method)
         dtype = getattr(torch, config.train.dtype)
         model = DecoderModel(config.model, mesh.sp_group, seed=config.train.seed, dtype=dtype,
-                             device=mesh.device)  # fmt: skip
+                             device=mesh.device,
+                             logits_chunk=config.train.logits_chunk)  # fmt: skip
         self.engine = Engine(model, mesh, self.planner, config.optim, total_steps=steps,
                              measure_memory=False)  # fmt: skip
 
-    def step(self, tokens: list[int]):
-        """One optimizer step on the micro-batch (collective); None when it does not fit."""
-        if not self.planner.fits([len(tokens)]):
+    def step(self, batch: list[list[int]]):
+        """One optimizer step on the micro-batch (its sequences; collective); None when it
+        does not fit."""
+        if not self.planner.fits([len(s) for s in batch]):
             return None
-        return self.engine.step([[tokens]], len(tokens) - 1)
+        return self.engine.step([batch], sum(len(s) - 1 for s in batch))
 
 
 def run_methods(methods, bench: Bench, batches, warmup, repeats: int) -> list[MethodResult]:
@@ -213,12 +250,12 @@ def run_methods(methods, bench: Bench, batches, warmup, repeats: int) -> list[Me
     for i in warmup:
         for run in runs:
             run.step(batches[i])
-    for b, tokens in enumerate(batches):
+    for b, batch in enumerate(batches):
         times: list[list[float]] = [[] for _ in runs]
         for r in range(repeats):
             shift = (b * repeats + r) % len(runs)
             for k in list(range(shift, len(runs))) + list(range(shift)):
-                step = runs[k].step(tokens)
+                step = runs[k].step(batch)
                 if step is None:
                     continue
                 times[k].append(step.step_s)
@@ -238,9 +275,9 @@ def predict_method(method: str, bench: Bench, batches) -> MethodResult:
     """The same, from the cost model: the plan's predicted seconds (layers only), no steps."""
     planner = bench.planner(method)
     result = MethodResult(method)
-    for tokens in batches:
+    for batch in batches:
         try:
-            plan = planner.plan([len(tokens)])
+            plan = planner.plan([len(s) for s in batch])
         except InfeasibleError:
             result.seconds.append(None)
             result.predicted.append(None)
@@ -262,9 +299,8 @@ def measure_ceiling(bench: Bench, lengths, batches, statics, repeats: int) -> Ce
     names = {m.removeprefix("static:") for m in statics}
     unlimited = bench.unlimited()
     every = unlimited.setup.costs.options
-    options = [
-        f"{o.name.split('+')[0]}+{o.recompute}" for o in every if o.strategy in names
-    ]  # fmt: skip
+    labels = {o: o.strategy if o.group is None else f"g{o.group}:{o.strategy}" for o in every}
+    options = [f"{o.name.split('+')[0]}+{o.recompute}" for o in every if labels[o] in names]
     results = run_methods([f"static:{o}" for o in options], unlimited, first, [0], repeats)
     return Ceiling(distinct, options, {o: r.seconds for o, r in zip(options, results,
                                                                    strict=True)})  # fmt: skip
@@ -278,6 +314,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-repeat", action="store_true", help="each length once (long ones dominate)")
+    p.add_argument("--sequences", type=int, default=0,
+                   help="sequences per micro-batch, each its length (default 0: as many as\n"
+                        "fit in --max-tokens, at most sp)")  # fmt: skip
     p.add_argument("--methods", default="all", help="comma-separated (exact,static:tp_sp,...)")
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -318,7 +357,10 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
             raise ValueError("--ceiling needs exact and at least one static:NAME in --methods")
         lengths = micro_batch_lengths(args.batches, args.min_tokens, args.max_tokens, args.seed,
                                       not args.no_repeat)  # fmt: skip
-        batches = corpus_windows(lengths, args.seed)
+        if args.sequences < 0:
+            raise ValueError(f"--sequences must be at least 0, got {args.sequences}")
+        counts = sequences_per_batch(lengths, args.sequences, mesh.sp, args.max_tokens)
+        batches = micro_batches_of(lengths, counts, args.seed)
     except ValueError as error:
         if rank0:
             print(f"benchmarks/adaptive_vs_static.py: error: {error}", file=sys.stderr)
@@ -329,8 +371,9 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
     say(
         f"sp={mesh.sp} {mesh.device.type} {config.train.dtype}, {config.model.layers} layers "
         f"H={shape.hidden} heads={shape.heads}/{shape.kv_heads} F={shape.ffn_hidden}, budget "
-        f"{format_bytes(bench.setup.budget)}/rank, {len(lengths)} micro-batches of {min(lengths)}-"
-        f"{max(lengths)} tokens (seed {args.seed}), "
+        f"{format_bytes(bench.setup.budget)}/rank, {len(lengths)} micro-batches of "
+        f"{min(counts)}-{max(counts)} sequences of {min(lengths)}-{max(lengths)} tokens "
+        f"(seed {args.seed}), "
         + ("cost-model prediction" if args.predict else "measured step time, slowest rank")
     )
     warmup = sorted(range(len(lengths)), key=lambda i: lengths[i])[:2]
@@ -339,18 +382,21 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
         results = [predict_method(m, bench, batches) for m in methods]
     else:
         results = run_methods(methods, bench, batches, warmup, args.repeats)
-    summary = summarise(results, lengths)
-    lines = format_report(results, lengths, summary)
+    tokens = [k * n for k, n in zip(counts, lengths, strict=True)]
+    summary = summarise(results, tokens)
+    lines = format_report(results, tokens, summary)
     if args.ceiling:
         statics = [m for m in methods if m.startswith("static:")]
         ceiling = measure_ceiling(bench, lengths, batches, statics, args.repeats)
-        lines += ceiling_report(ceiling, results, lengths, summary)
+        per_length = {n: k * n for n, k in zip(lengths, counts, strict=True)}
+        lines += ceiling_report(ceiling, results, lengths, summary, per_length)
         summary["ceiling"] = {"lengths": ceiling.lengths, "seconds": ceiling.seconds}
     lines.append(f"{time.perf_counter() - start:.0f} s")
+    lines.append(f"predicted adaptive/best-static = {summary['predicted_adaptive_over_best']:.2f}x")
     lines.append(headline(summary))
     for line in lines:
         say(line)
-    summary.update(lines=lines, lengths=lengths, methods=methods,
+    summary.update(lines=lines, lengths=lengths, counts=counts, methods=methods,
                    seconds={r.method: r.seconds for r in results},
                    plans={r.method: r.plans for r in results})  # fmt: skip
     if own_mesh and dist.is_initialized():

@@ -23,6 +23,7 @@ from .moe_costs import MoeLoads, moe_comm_bytes, moe_layer_counts
 from .moe_memory import moe_layer_memory
 from .profile_data import Profile, ProfileError
 from .static import (
+    LOGITS_CHUNK,
     StaticMemory,
     layer_parameters,
     logits_bytes,
@@ -31,6 +32,7 @@ from .static import (
 )
 
 __all__ = [
+    "LOGITS_CHUNK",
     "PRESETS",
     "RECOMPUTE_MODES",
     "STRATEGIES",

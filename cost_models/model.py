@@ -83,6 +83,13 @@ class CostModel:
         hops = 1 if kind == "p2p" else group_size - 1  # ring algorithms: P-1 latency steps
         return LinkFit(alpha=hops * link.latency, beta=link.bandwidth)
 
+    def collective_seconds(
+        self, kind: str, group_size: int, nbytes: float, calls: int, nodes_spanned: int = 1
+    ) -> float:
+        """Seconds of `calls` collectives of `kind` sending `nbytes` in all over `group_size`
+        ranks (the profile's fit, or the hardware's link)."""
+        return self._link(kind, group_size, nodes_spanned)(nbytes, calls)
+
     def _comm_seconds(self, volume: dict, messages: dict, sizes: dict, nodes: int) -> dict:
         return {
             kind: self._link(kind, sizes.get(kind, 1), nodes)(nbytes, messages.get(kind, 0))
@@ -103,11 +110,15 @@ class CostModel:
             seconds[kind] = seconds.get(kind, 0.0) + value
         return seconds
 
-    def _scales(self, strategy: str) -> tuple[float, float]:
-        """(forward, backward) calibration scales; 1 without a profile."""
-        if self.profile is None:
+    def scales(self, key: str, fallback: str | None = None) -> tuple[float, float]:
+        """(forward, backward) calibration scales of `key` (a strategy, or 'gN:STRATEGY' on
+        sub-groups of N), else of `fallback`; 1 without a profile, or for key ''."""
+        if self.profile is None or not key:
             return 1.0, 1.0
-        return self.profile.calibration.get(strategy, (1.0, 1.0))
+        found = self.profile.calibration.get(key)
+        if found is None and fallback is not None:
+            found = self.profile.calibration.get(fallback)
+        return found or (1.0, 1.0)
 
     # ------------------------------------------------------------------ layer
     def layer_cost(
@@ -124,12 +135,15 @@ class CostModel:
         trainable: bool = True,
         moe=None,
         moe_loads=None,
+        calibration: str | None = None,
     ) -> Cost:
         """One layer's forward and backward on one rank of a group of P for a micro-batch of
         `seq_lens` (unpadded lengths). trainable False: a frozen layer (no weight gradients).
         `moe` (a `parallel_lib.moe.MoeShape` or anything with its fields): a mixture-of-experts
         layer, priced for the routing `moe_loads` (`cost_models.moe_costs.MoeLoads`, the rank
-        computing the most expert rows) or, None, the planning expectation (uniform loads)."""
+        computing the most expert rows) or, None, the planning expectation (uniform loads).
+        `calibration`: the profile's calibration entry that scales the time (default: the
+        strategy's; '' for none)."""
         if self.profile is not None:
             self.profile.check_matches(dtype=dtype_name(dtype))
         kw = {"dtype": dtype, "recompute": recompute, "inner": inner, "trainable": trainable}
@@ -147,7 +161,7 @@ class CostModel:
                                       reduce_scatter_copy=rs_copy, **kw)  # fmt: skip
         description = strategy_cost(strategy)
         sizes = description.group_sizes(P, inner)
-        scales = self._scales(strategy)
+        scales = self.scales(strategy if calibration is None else calibration)
         phases, compute_total, comm_total = [], 0.0, 0.0
         for direction, kernels, elementwise, traffic, scale in (
             ("forward", counts.kernels_forward, counts.elementwise_forward,

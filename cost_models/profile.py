@@ -46,6 +46,7 @@ from .counts import RECOMPUTE_MODES, STRATEGIES, dtype_name
 from .hardware import detect
 from .model import CostModel
 from .profile_data import SPREAD_TARGET, Curve, Profile, ProfileError
+from .profile_groups import calibrate_sub_groups
 from .stability import conditions_now, conditions_record, profile_warnings, settle, spread
 from .timing import (
     collective_ops,
@@ -193,6 +194,8 @@ def _calibration(mesh, shape, dtype, profile: Profile, max_tokens: int) -> None:
         profile.calibration[name] = tuple(
             _scale([(row[1 + phase], row[3 + phase]) for row in rows]) for phase in (0, 1)
         )
+    calibrate_sub_groups(mesh, shape, dtype, profile, calibration_lengths(max_tokens), raw,
+                         partial(step_times, repeats=3), _scale)  # fmt: skip
 
 
 def _scale(pairs: list[tuple[float, float]]) -> float:

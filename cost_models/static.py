@@ -9,8 +9,12 @@ from .counts import itemsize
 
 __all__ = [
     "StaticMemory", "static_memory", "layer_parameters", "moe_layer_parameters",
-    "logits_bytes", "vocab_transient_bytes",
+    "logits_bytes", "vocab_transient_bytes", "LOGITS_CHUNK",
 ]  # fmt: skip
+
+LOGITS_CHUNK = 1024
+"""Tokens per chunk of the training loss's head and cross-entropy by default (`train.logits_chunk`,
+`paradyse.head_loss`): at a 128K vocabulary a chunk's float32 logits are 0.5 GiB."""
 
 
 def layer_parameters(shape) -> int:
@@ -104,10 +108,21 @@ def static_memory(
     )
 
 
-def logits_bytes(tokens: int, vocab: int, sp: int) -> int:
-    """The vocabulary-sharded LM head's float32 logits and their gradient on one rank: every one
-    of the micro-batch's T tokens against this rank's vocab/sp rows."""
-    return 2 * tokens * (vocab // sp) * 4
+def logits_bytes(tokens: int, vocab: int, sp: int, chunk: int = 0) -> int:
+    """What the LM head and the loss hold at once on one rank, beside every layer's saved bytes:
+    float32 buffers of (rows x vocab), rows out of this rank's T/sp local tokens.
+
+    Whole logits (`chunk` 0): three of all T/sp local tokens (written T x vocab/sp), the peak of
+    the cross-entropy's backward: the log-softmax it keeps, its gradient and the logits' gradient
+    (the forward holds two: the logits and their log-softmax). Chunked (`paradyse.head_loss`):
+    two of one chunk of `chunk` local tokens (all of them, if fewer): a chunk's logits and their
+    log-softmax, in the forward and again in the backward's recomputation, whose gradient then
+    takes the log-softmax's buffer (in bfloat16 plus half a buffer, its 16-bit copy, once the
+    logits are freed). Measured with MemTracker, float32 and bfloat16: 3.0 and 2.0 buffers
+    (`tests/test_head_loss.py`)."""
+    if chunk <= 0:
+        return 3 * tokens * (vocab // sp) * 4
+    return 2 * min(chunk, -(-tokens // sp)) * vocab * 4
 
 
 def vocab_transient_bytes(vocab: int, hidden: int, dtype) -> int:

@@ -11,6 +11,7 @@ from parallel_lib import Mesh, init_mesh
 from .batch import IGNORE_INDEX, PackedBatch
 from .config import Config, ConfigError, DataConfig, ParallelConfig, TrainConfig, load_config
 from .engine import Engine, LayerHooks, MicroBatchResult, OptimizerWrapper, StepResult
+from .head_loss import chunked_head_loss
 from .integration import Integration, RunContext
 from .layer import SwitchableDecoderLayer, full_from_shards, shard_full_weights
 from .mlp import DenseMLP
@@ -57,6 +58,7 @@ __all__ = [
     "Trainer",
     "VocabParallelEmbedding",
     "VocabParallelHead",
+    "chunked_head_loss",
     "full_from_shards",
     "init_full_weights",
     "init_mesh",

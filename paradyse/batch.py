@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from parallel_lib import ZigzagLayout, pad_length
+from parallel_lib import GroupSplit, ZigzagLayout, pad_length
 
 from .data.instruct import target_count
 
@@ -51,6 +51,9 @@ class PackedBatch:
     """(T/P,) bool: True where the token carries loss."""
     num_loss_tokens: int
     """Tokens carrying loss in the whole micro-batch (sum over ranks): `target_count` summed."""
+    split: GroupSplit | None = None
+    """Set when the micro-batch runs on sub-groups (`parallel_lib.group_size`): these are the
+    sequences of this rank's sub-group, laid out over its g ranks (`sp_size` is g)."""
 
     @classmethod
     def pack(
@@ -61,9 +64,17 @@ class PackedBatch:
         *,
         device: torch.device | str = "cpu",
         pad_id: int = 0,
+        split: GroupSplit | None = None,
     ) -> PackedBatch:
         """Pack token-id sequences for rank `sp_rank` of a switchable group of `sp_size`;
-        a negative token `~id` is input `id` and no target."""
+        a negative token `~id` is input `id` and no target. With `split` (a sub-group's
+        sequences), `sp_size` and `sp_rank` must be the sub-group's size and this rank's
+        position in it."""
+        if split is not None and (sp_size, sp_rank) != (split.size, split.position):
+            raise ValueError(
+                f"a sub-group of {split.size} packs for its own ranks: sp_size={split.size}, "
+                f"sp_rank={split.position}, got {sp_size} and {sp_rank}"
+            )
         if not sequences:
             raise ValueError("a micro-batch needs at least one sequence")
         lens = [len(s) for s in sequences]
@@ -88,6 +99,7 @@ class PackedBatch:
             labels=labels.to(layout.device),
             loss_mask=(labels != IGNORE_INDEX).to(layout.device),
             num_loss_tokens=sum(target_count(s) for s in sequences),
+            split=split,
         )
 
     @property

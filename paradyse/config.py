@@ -17,6 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from cost_models import LOGITS_CHUNK
 from parallel_lib import RECOMPUTE_MODES, STRATEGY_NAMES
 from planners import parse_bytes
 
@@ -83,6 +84,9 @@ class TrainConfig:
     """Compute dtype: float32 or bfloat16 (master weights and optimizer state stay float32)."""
     measure_memory: bool = True
     """Measure every step's peak memory (MemTracker on CPU, slows CPU steps about 2x)."""
+    logits_chunk: int = LOGITS_CHUNK
+    """Tokens per chunk of the loss's LM head and cross-entropy, recomputed in backward, so the
+    (tokens x vocab) float32 logits never exist at once (0 = the whole logits at once)."""
     metrics: str = ""
     """JSONL file for one record per step ('' = none)."""
     progress: bool = True
@@ -101,6 +105,9 @@ class TrainConfig:
             raise ValueError(f"train.seed must be >= 0, got {self.seed}")
         if self.save_every < 0:
             raise ValueError(f"train.save_every must be >= 0, got {self.save_every}")
+        if self.logits_chunk < 0:
+            raise ValueError(f"train.logits_chunk must be >= 0 (0: whole logits), got "
+                             f"{self.logits_chunk}")  # fmt: skip
         if self.dtype not in DTYPES:
             raise ValueError(f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
@@ -126,10 +133,16 @@ class ParallelConfig:
     """A cached profile is checked at start-up against a few quick measurements; a coefficient
     off by more than this factor (measured / profiled, either way) is a warning with the
     command that re-measures it. 0 turns the check off."""
+    group_size: int = 0
+    """0: adaptive chooses per micro-batch whether the sp group runs as sub-groups of g ranks
+    (g dividing sp), each on its own sequences; g: every micro-batch with at least sp/g
+    sequences runs on sub-groups of g (the others on the whole group)."""
 
     def __post_init__(self) -> None:
         choices = (
             ("sp", self.sp >= 0, "0 (the world size) or a divisor of the world size"),
+            ("group_size", self.group_size >= 0,
+             "0 (the planner chooses) or a divisor of sp"),
             ("strategy", self.strategy in STRATEGY_CHOICES, ", ".join(STRATEGY_CHOICES)),
             ("planner", self.planner in PLANNER_CHOICES, ", ".join(PLANNER_CHOICES)),
             ("recompute", self.recompute in ("", *RECOMPUTE_MODES),
@@ -143,6 +156,11 @@ class ParallelConfig:
             raise ValueError(
                 f"parallel.profile_check must be 0 (no check) or a factor above 1, e.g. 1.5; "
                 f"got {self.profile_check!r}"
+            )
+        if self.group_size and self.strategy != "adaptive":
+            raise ValueError(
+                f"parallel.group_size={self.group_size} needs --strategy adaptive (a static "
+                f"strategy runs on the whole sp group); got --strategy {self.strategy}"
             )
         self.budget_bytes  # noqa: B018  (parses memory_budget, or says what is wrong with it)
 

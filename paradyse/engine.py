@@ -14,13 +14,12 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from parallel_lib import Strategy, get_strategy
+from parallel_lib import GroupSplit, Strategy, get_strategy, split_group
 from parallel_lib.mesh import Mesh
 from planners import Option, Plan, Planner
 
@@ -28,7 +27,7 @@ from .batch import PackedBatch
 from .memory import PeakMemory
 from .moe_metrics import MoeStepStats
 from .optim import FlatUnit, OptimConfig, UnitOptimizer, learning_rate, reduce_replicated
-from .seams import LayerHooks, OptimizerWrapper
+from .seams import AttachedHooks, LayerHooks, OptimizerWrapper
 
 __all__ = ["Engine", "LayerHooks", "OptimizerWrapper", "StepResult", "MicroBatchResult"]
 
@@ -115,16 +114,9 @@ class Engine:
         if router_hook is not None:
             self._install_router_hook(router_hook)
         self._strategies: dict[Option, Strategy] = {}
-        self._pending: dict[int, object] = {}
-        self._handles = []
+        self._splits: dict[int, GroupSplit] = {}  # sub-group size -> this rank's place
         self.step_index = 0
-        for i, layer in enumerate(self.layers):
-            if self.hooks:
-                self._handles += [
-                    layer.register_forward_pre_hook(partial(self._before_layer, i),
-                                                    with_kwargs=True),
-                    layer.register_forward_hook(partial(self._after_layer, i), with_kwargs=True),
-                ]  # fmt: skip
+        self._attached = AttachedHooks(self.hooks, self.layers)
 
     def _install_router_hook(self, hook) -> None:
         """Every MoE layer routes through `hook` (`parallel_lib.routing.RouterHook`)."""
@@ -136,9 +128,7 @@ class Engine:
 
     def remove_hooks(self) -> None:
         """Detach the layer hooks from the model (e.g. before building another engine on it)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._attached.remove()
 
     def _units(self) -> tuple[list[FlatUnit], list[int | None]]:
         """One flat unit per switchable layer, then one for every other parameter (one per
@@ -163,48 +153,6 @@ class Engine:
             owners.append(None)
         return units, owners
 
-    # ------------------------------------------------------------------ hooks
-    @staticmethod
-    def _call_args(args, kwargs):
-        """(x, batch) of a layer call, given positionally or by keyword."""
-        named = dict(zip(("x", "batch"), args, strict=False)) | kwargs
-        return named["x"], named["batch"]
-
-    def _before_layer(self, index: int, module, args, kwargs) -> None:
-        x, batch = self._call_args(args, kwargs)
-        for hook in self.hooks:
-            hook.before_forward(index, x, batch)
-
-    def _after_layer(self, index: int, module, args, kwargs, output):
-        batch = self._call_args(args, kwargs)[1]
-        for hook in self.hooks:
-            replaced = hook.after_forward(index, output, batch)
-            if replaced is not None:
-                output = replaced
-        if torch.is_grad_enabled():
-            self._watch_backward(index, module)
-        return output
-
-    def _watch_backward(self, index: int, layer: nn.Module) -> None:
-        named = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
-        if not named:
-            return
-
-        def fire(grads) -> None:
-            handle = self._pending.pop(index, None)
-            if handle is not None:
-                handle.remove()
-            given = {n: g for (n, _), g in zip(named, grads, strict=True) if g is not None}
-            for hook in self.hooks:
-                hook.after_backward(index, given)
-
-        old = self._pending.pop(index, None)
-        if old is not None:
-            old.remove()
-        self._pending[index] = torch.autograd.graph.register_multi_grad_hook(
-            [p for _, p in named], fire, mode="all"
-        )
-
     # ------------------------------------------------------------------ plans
     def strategy_of(self, option: Option) -> Strategy:
         found = self._strategies.get(option)
@@ -216,22 +164,35 @@ class Engine:
     def apply(self, plan: Plan) -> None:
         """Set every layer's strategy and recompute mode to the plan's (moves no tensor)."""
         for layer, option in zip(self.layers, plan.options, strict=True):
-            layer.set_option(self.strategy_of(option), option.recompute)
+            layer.set_option(self.strategy_of(option), option.recompute, option.group)
+
+    def pack(self, sequences: Sequence[Sequence[int]], group_size: int | None) -> PackedBatch:
+        """This rank's share of a micro-batch: over the whole sp group, or (`group_size` g)
+        its sub-group's sequences over the sub-group's g ranks, dealt as the planner priced."""
+        mesh = self.mesh
+        if group_size is None or group_size == mesh.sp:
+            return PackedBatch.pack(sequences, mesh.sp, mesh.sp_rank, device=mesh.device)
+        split = self._splits.get(group_size)
+        if split is None:
+            split = self._splits[group_size] = split_group(mesh.sp_group, group_size)
+        dealt = self.planner.costs.sub_groups([len(s) for s in sequences], group_size)
+        mine = [sequences[i] for i in dealt[split.index]]
+        return PackedBatch.pack(mine, group_size, split.position, device=mesh.device, split=split)
 
     # ------------------------------------------------------------------ training
     def forward_backward(self, sequences: Sequence[Sequence[int]], loss_tokens: int):
-        """One micro-batch: pack, plan, forward, backward of loss / loss_tokens (gradients
-        accumulate). Returns its MicroBatchResult."""
-        mesh = self.mesh
-        batch = PackedBatch.pack(sequences, mesh.sp, mesh.sp_rank, device=mesh.device)
-        plan = self.planner.plan(batch.seq_lens)
+        """One micro-batch: plan, pack (on the plan's group size), forward, backward of
+        loss / loss_tokens (gradients accumulate). Returns its MicroBatchResult."""
+        seq_lens = tuple(len(s) for s in sequences)
+        plan = self.planner.plan(seq_lens)
         self.apply(plan)
+        batch = self.pack(sequences, plan.group_size)
         loss_sum = self.model(batch)
         auxiliary = getattr(self.model, "auxiliary_loss", lambda: None)()  # MoE balance, z-loss
         total = loss_sum if auxiliary is None else loss_sum + auxiliary
         (total / loss_tokens).backward()
         self.moe_stats.add()
-        return MicroBatchResult(batch.seq_lens, plan, float(loss_sum.detach()))
+        return MicroBatchResult(seq_lens, plan, float(loss_sum.detach()))
 
     def step(self, micro_batches: Sequence[Sequence[Sequence[int]]], loss_tokens: int):
         """One optimizer step over this dp group's micro-batches. `loss_tokens`: tokens carrying

@@ -96,7 +96,8 @@ def build_model(
     """The model of `config`: loaded from `source` (`with_pretrained_shape`), or drawn from
     train.seed; with `fills` (a checkpoint will fill it) nothing is drawn or read."""
     model = DecoderModel(config.model, group, seed=config.train.seed, dtype=dtype, device=device,
-                         random_init=not (fills or source is not None))  # fmt: skip
+                         random_init=not (fills or source is not None),
+                         logits_chunk=config.train.logits_chunk)  # fmt: skip
     if source is not None and not fills:
         try:
             _initialiser(config.model.init).load_pretrained(model, source)

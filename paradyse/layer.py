@@ -192,19 +192,23 @@ class SwitchableDecoderLayer(nn.Module):
         )
 
     # ------------------------------------------------------------------ forward
-    def _strategy(self, strategy: str | Strategy) -> Strategy:
+    def _strategy(self, strategy: str | Strategy, P: int | None = None) -> Strategy:
+        """The strategy, checked once for this layer on a group of P (default: the layer's)."""
         strat = get_strategy(strategy) if isinstance(strategy, str) else strategy
-        key = (repr(strat), self.group.size)
+        key = (repr(strat), P or self.group.size)
         if key not in self._checked:
-            strat.check(self.shape, self.group.size)
+            strat.check(self.shape, key[1])
             self._checked.add(key)
         return strat
 
-    def set_option(self, strategy: str | Strategy, recompute: str = "none") -> None:
-        """The strategy and recompute mode of later calls that name none (checked now)."""
+    def set_option(
+        self, strategy: str | Strategy, recompute: str = "none", group_size: int | None = None
+    ) -> None:
+        """The strategy and recompute mode of later calls that name none (checked now, on a
+        sub-group of `group_size` ranks when given: see `parallel_lib.group_size`)."""
         if recompute not in RECOMPUTE_MODES:
             raise ValueError(f"unknown recompute mode {recompute!r}; choose from {RECOMPUTE_MODES}")
-        self._strategy(strategy)
+        self._strategy(strategy, group_size)
         self.strategy, self.recompute = strategy, recompute
 
     def forward(
@@ -217,10 +221,16 @@ class SwitchableDecoderLayer(nn.Module):
         """x (T/P, H) local tokens in the batch's layout -> (T/P, H).
 
         strategy and recompute default to the layer's own (`set_option`); see
-        `parallel_lib.decoder_layer_step` for the recompute modes."""
+        `parallel_lib.decoder_layer_step` for the recompute modes. A batch packed for a
+        sub-group (`batch.split`) runs the strategy on that sub-group, with the weights gathered
+        from the whole group's shards for the step."""
         strategy = self.strategy if strategy is None else strategy
         recompute = self.recompute if recompute is None else recompute
-        strat = self._strategy(strategy)
+        split = getattr(batch, "split", None)
+        if split is not None and split.size == self.group.size:
+            split = None
+        group = self.group if split is None else split.compute
+        strat = self._strategy(strategy, group.size)
         return decoder_layer_step(
-            x, self.weights(batch), batch.layout, self.group, strat, recompute
+            x, self.weights(batch), batch.layout, group, strat, recompute, split
         )

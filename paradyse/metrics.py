@@ -53,6 +53,7 @@ def step_record(result: StepResult, seq_lens: list[int], split: int, budget: flo
             {
                 "seq_lens": list(m.seq_lens),
                 "plan": str(m.plan),
+                "group_size": m.plan.group_size,
                 "predicted_s": m.plan.predicted_s,
                 "predicted_peak_bytes": m.plan.predicted_peak_bytes,
             }

@@ -3,8 +3,12 @@
 Every rank of the switchable group holds 1/P of the embedding and LM head rows (the vocabulary
 axis) and 1/P of every layer's weights (the unified layout). The embedding and the head gather
 their rows for the micro-batch (forward all-gather, backward reduce-scatter, like a ZeRO-3
-linear), so both work on this rank's local tokens: the loss is the sum over local tokens, and
-the logits are (T/P, V) on each rank, the bytes `cost_models.logits_bytes` counts.
+linear), so both work on this rank's local tokens: the loss is the sum over local tokens. The
+training loss runs the head and the cross-entropy over chunks of `logits_chunk` tokens
+(`paradyse.head_loss`, recomputed in backward), so the (T/P, V) float32 logits never exist at
+once; `DecoderModel.logits` still returns them whole for evaluation. `cost_models.logits_bytes`
+counts what the loss holds: one chunk's logits and log-softmax (three whole (T/P, V) float32
+buffers with `logits_chunk` 0).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cost_models import LOGITS_CHUNK
 from parallel_lib import CommGroup, LayerShape, all_gather_tokens, zero_linear
 
 from .batch import IGNORE_INDEX, PackedBatch
+from .head_loss import chunked_head_loss
 from .layer import SwitchableDecoderLayer
 from .moe import MoeConfig, MoeRecorder
 from .sharding import is_sharded, mark_sharded
@@ -188,9 +194,18 @@ class VocabParallelHead(_VocabSharded):
         # (T/P, H) x whole (V, H) gathered from (V/P, H) shards -> (T/P, V)
         return zero_linear(h, self.weight, self.group, input_major=False).float()
 
+    def loss_sum(self, h: Tensor, labels: Tensor, chunk: int = LOGITS_CHUNK) -> Tensor:
+        """The summed next-token cross-entropy of the local tokens' logits: `chunk` tokens at a
+        time, recomputed in backward (`paradyse.head_loss`); 0: the whole logits at once."""
+        if chunk <= 0:
+            return F.cross_entropy(self(h), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return chunked_head_loss(h, self.weight, labels, self.group, chunk)
+
 
 def token_loss_sum(logits: Tensor, batch: PackedBatch) -> Tensor:
-    """Sum of next-token cross-entropy over this rank's local tokens that carry loss."""
+    """Sum of next-token cross-entropy over this rank's local tokens that carry loss, from their
+    whole logits (`DecoderModel.logits`); the training loss avoids them (`VocabParallelHead.
+    loss_sum`)."""
     return F.cross_entropy(logits, batch.labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -201,7 +216,8 @@ class DecoderModel(nn.Module):
     starts from the same model; `random_init=False` leaves them uninitialised for a loader
     (`integrations.hf`, a checkpoint) to fill, drawing nothing. With `config.tie_embeddings`
     the head's weight is the embedding's parameter (one shard, one gradient, one optimizer
-    state). `forward(batch)` returns the sum of the loss over this rank's local tokens; each
+    state). `forward(batch)` returns the sum of the loss over this rank's local tokens, its head
+    and cross-entropy run `logits_chunk` tokens at a time (0: the whole logits at once); each
     layer runs the strategy and recompute mode the engine set on it."""
 
     def __init__(
@@ -213,12 +229,17 @@ class DecoderModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         random_init: bool = True,
+        logits_chunk: int = LOGITS_CHUNK,
     ) -> None:
         super().__init__()
         problem = config.sp_problem(group.size)
         if problem:
             raise ValueError(f"cannot shard the model over sp={group.size}: {problem}")
+        if not isinstance(logits_chunk, int) or logits_chunk < 0:
+            raise ValueError(f"logits_chunk must be a number of tokens >= 0, got {logits_chunk!r}")
         self.config, self.group = config, group
+        self.logits_chunk = logits_chunk
+        """Tokens per chunk of the training loss's head and cross-entropy (0: whole logits)."""
         kw = {"dtype": dtype, "device": device, "random_init": random_init}
         H, V = config.hidden, config.vocab
         self.embedding = VocabParallelEmbedding(V, H, group, seed=layer_seed(seed, -1), **kw)
@@ -251,8 +272,8 @@ class DecoderModel(nn.Module):
         """The layers the planner chooses a strategy and recompute mode for, in order."""
         return list(self.layers)
 
-    def logits(self, batch: PackedBatch) -> Tensor:
-        """(T/P, V) float32 logits of this rank's local tokens, in the batch's layout order
+    def hidden_states(self, batch: PackedBatch) -> Tensor:
+        """(T/P, H) final-normed hidden states of this rank's local tokens, the head's input
         (MoE layers record their auxiliary losses and loads on the side: `moe_recorder`)."""
         recorder = self.moe_recorder
         recorder.clear()
@@ -263,12 +284,19 @@ class DecoderModel(nn.Module):
                 x = layer(x, batch)
         finally:
             recorder.active = False  # a recomputation in the backward records nothing
-        return self.head(self.norm(x))
+        return self.norm(x)
+
+    def logits(self, batch: PackedBatch) -> Tensor:
+        """(T/P, V) float32 logits of this rank's local tokens, in the batch's layout order, all
+        at once (for evaluation; the training loss never holds them: `forward`)."""
+        return self.head(self.hidden_states(batch))
 
     def forward(self, batch: PackedBatch) -> Tensor:
-        """The summed token loss of this rank's local tokens (`auxiliary_loss()`: the MoE
-        layers' balance and z-loss terms of the same forward)."""
-        return token_loss_sum(self.logits(batch), batch)
+        """The summed token loss of this rank's local tokens, the head and cross-entropy run
+        `logits_chunk` tokens at a time (`auxiliary_loss()`: the MoE layers' balance and z-loss
+        terms of the same forward)."""
+        h = self.hidden_states(batch)
+        return self.head.loss_sum(h, batch.labels, self.logits_chunk)
 
     def auxiliary_loss(self) -> Tensor | None:
         """The MoE layers' summed balance and z-loss terms of the last forward (with their

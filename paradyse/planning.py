@@ -46,9 +46,10 @@ def run_setup(
     profile: Profile | None = None,
     every_option: bool = False,
 ) -> PlanningSetup:
-    """The run's PlanningSetup: its model, sp x dp, dtype, --memory-budget, ZeRO-1 switch and
-    ranks per node (LOCAL_WORLD_SIZE), over the options --strategy and --recompute allow (all of
-    them with `every_option`). ValueError, one line, when the strategy cannot run the model."""
+    """The run's PlanningSetup: its model, sp x dp, dtype, --memory-budget, ZeRO-1 switch, logits
+    chunk and ranks per node (LOCAL_WORLD_SIZE), over the options --strategy and --recompute
+    allow (all of them with `every_option`). ValueError, one line, when the strategy cannot run
+    the model."""
     par, model = config.parallel, config.model
     strategies = recomputes = None
     if not every_option:
@@ -63,6 +64,8 @@ def run_setup(
         model, hardware, sp=sp, dp=dp, dtype=config.train.dtype, budget_bytes=par.budget_bytes,
         profile=profile, shard_optimizer=config.optim.shard_optimizer, devices_per_node=per_node,
         strategies=strategies, recomputes=recomputes, supports=strategy_supports,
+        group_size=par.group_size or None,
+        logits_chunk=config.train.logits_chunk,
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from .comm import (
     reduce_scatter_dim0,
     reduce_scatter_tokens,
 )
+from .group_size import GroupSplit, split_group
 from .groups import CommCounter, CommGroup, count_bytes, new_groups, new_sp_groups
 from .layer_step import LayerWeights, decoder_layer_step
 from .layout import ZigzagLayout, pad_length, zigzag_natural_index
@@ -26,20 +27,21 @@ from .streaming import streamed_linear
 from .zero import gather_weight, zero_linear
 
 __all__ = [
+    "MLP_MODES",
+    "MLP_NAMES",
+    "RECOMPUTE_MODES",
+    "STRATEGY_NAMES",
+    "SWIGLU",
     "AttentionWeights",
     "CommCounter",
     "CommGroup",
+    "GroupSplit",
     "LayerShape",
     "LayerWeights",
-    "MLP_MODES",
     "Mesh",
-    "MLP_NAMES",
     "Mlp",
     "MlpWeights",
-    "RECOMPUTE_MODES",
     "RingExchange",
-    "STRATEGY_NAMES",
-    "SWIGLU",
     "Strategy",
     "SwiGLU",
     "ZigzagLayout",
@@ -64,6 +66,7 @@ __all__ = [
     "reduce_scatter_dim0",
     "reduce_scatter_tokens",
     "ring_attention",
+    "split_group",
     "split_qkv",
     "streamed_linear",
     "swiglu",

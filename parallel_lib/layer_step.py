@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .group_size import GroupSplit, regroup_attention, regroup_mlp
 from .groups import CommGroup
 from .layout import ZigzagLayout
 from .mlp import SWIGLU, Mlp
@@ -81,10 +82,16 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def _mlp_half(
-    h: Tensor, w: LayerWeights, group: CommGroup, strategy: Strategy, recomputed: bool
+    h: Tensor,
+    w: LayerWeights,
+    group: CommGroup,
+    strategy: Strategy,
+    recomputed: bool,
+    split: GroupSplit | None = None,
 ) -> Tensor:
     x = _rms_norm(h, w.mlp_norm, w.norm_eps)
-    return strategy.mlp(x, w.mlp, group, recomputed=recomputed, kind=w.mlp_kind)
+    mlp = w.mlp if split is None else regroup_mlp(w.mlp, split)
+    return strategy.mlp(x, mlp, group, recomputed=recomputed, kind=w.mlp_kind)
 
 
 def _layer(
@@ -95,13 +102,16 @@ def _layer(
     strategy: Strategy,
     recomputed: bool,
     recompute_mlp: bool,
+    split: GroupSplit | None = None,
 ) -> Tensor:
     xn = _rms_norm(x, w.attn_norm, w.norm_eps)
-    h = x + strategy.attention(xn, w.attention, layout, group, recomputed=recomputed)
-    del xn  # a frozen layer's linears keep no input: do not hold it through the MLP
+    attention = w.attention if split is None else regroup_attention(w.attention, split)
+    h = x + strategy.attention(xn, attention, layout, group, recomputed=recomputed)
+    del xn, attention  # a frozen layer's linears keep no input: do not hold it through the MLP
     if recompute_mlp:
-        return h + checkpoint(_mlp_half, h, w, group, strategy, True, use_reentrant=False)
-    return h + _mlp_half(h, w, group, strategy, recomputed)
+        return h + checkpoint(_mlp_half, h, w, group, strategy, True, split,
+                              use_reentrant=False)  # fmt: skip
+    return h + _mlp_half(h, w, group, strategy, recomputed, split)
 
 
 def decoder_layer_step(
@@ -111,16 +121,27 @@ def decoder_layer_step(
     group: CommGroup,
     strategy: Strategy,
     recompute: str = "none",
+    split: GroupSplit | None = None,
 ) -> Tensor:
     """x (T/P, H) local tokens in `layout` -> (T/P, H): h = x + attention(norm(x)), then
     h + mlp(norm(h)), run by `strategy` on `group`.
 
     recompute: "none"; "selective" (the MLP half is recomputed in backward); "full" (the whole
     layer is recomputed from x), with torch's non-reentrant checkpointing. The caller checks
-    that the strategy supports the layer's shape on this group (`Strategy.check`)."""
+    that the strategy supports the layer's shape on this group (`Strategy.check`).
+    `split`: the micro-batch runs on sub-groups (`parallel_lib.group_size`): `group` is this
+    rank's sub-group, `layout` its sequences', and the weights (1/P shards of the whole sp group)
+    are gathered into 1/g shards inside the step, so a recomputation gathers them again."""
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"unknown recompute mode {recompute!r}; choose from {RECOMPUTE_MODES}")
+    if split is not None and split.gather.size == 1:
+        split = None  # g = P: the shards are the sub-group's already
+    if split is not None and weights.mlp_kind.name != "swiglu":
+        raise ValueError(
+            f"group size {split.size} < sp={split.sp} needs the dense SwiGLU MLP; a "
+            f"{weights.mlp_kind.name} layer runs on the whole switchable group"
+        )
     if recompute == "full":
-        return checkpoint(_layer, x, weights, layout, group, strategy, True, False,
+        return checkpoint(_layer, x, weights, layout, group, strategy, True, False, split,
                           use_reentrant=False)  # fmt: skip
-    return _layer(x, weights, layout, group, strategy, False, recompute == "selective")
+    return _layer(x, weights, layout, group, strategy, False, recompute == "selective", split)

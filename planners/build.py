@@ -1,9 +1,9 @@
 """The one way to build a planner: for the trainer, `planners.explain` and the benchmarks alike.
 
 A `PlanningSetup` names everything a plan depends on (the model's shape, the machine and its
-profile, the group sizes and nodes, the dtype, the budget, the optimizer's sharding), prices the
-options once, and builds `Planner`s for any method over those shared cost tables. Two callers
-with the same setup get the same plans and predicted peaks.
+profile, the group sizes and nodes, the dtype, the budget, the optimizer's sharding, the loss's
+logits chunk), prices the options once, and builds `Planner`s for any method over those shared
+cost tables. Two callers with the same setup get the same plans and predicted peaks.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from cost_models import CostModel, Hardware, Profile, detect, static_memory
+from cost_models import LOGITS_CHUNK, CostModel, Hardware, Profile, detect, static_memory
 from cost_models.counts import dtype_name
 from cost_models.static import vocab_transient_bytes
 
@@ -51,6 +51,16 @@ class PlanningSetup:
     """The recompute modes to consider (None: all)."""
     supports: Supports = field(default=config_supports, repr=False)
     """Which options can run (the cost model's check; the trainer passes parallel_lib's)."""
+    group_sizes: Sequence[int] | None = None
+    """Sub-group sizes g < sp a micro-batch may run on (`parallel_lib.group_size`). None: every
+    divisor of sp when every strategy is allowed and no layer is a mixture of experts (MoE
+    layers run on the whole group), else none."""
+    group_size: int | None = None
+    """Force sub-groups of this size on every micro-batch with enough sequences (the others run
+    on the whole group); None: the planner chooses."""
+    logits_chunk: int = LOGITS_CHUNK
+    """Tokens per chunk of the loss's head and cross-entropy (`train.logits_chunk`): the LM
+    head's transient is one chunk's logits (`cost_models.logits_bytes`); 0: the whole logits."""
 
     def __post_init__(self) -> None:
         if self.hardware is None:
@@ -65,11 +75,35 @@ class PlanningSetup:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
+            raise ValueError(f"logits_chunk must be tokens >= 0, got {self.logits_chunk!r}")
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
         if self.budget_bytes is not None and not self.budget_bytes > 0:
             raise ValueError(f"the memory budget must be positive, got {self.budget_bytes}")
         if self.profile is not None:
             self.profile.check_matches(dtype=self.dtype)
+        if self.group_size is not None and (self.group_size < 1 or self.sp % self.group_size):
+            divisors = [d for d in range(1, self.sp + 1) if self.sp % d == 0]
+            raise ValueError(
+                f"parallel.group_size={self.group_size} does not divide sp={self.sp}; choose "
+                f"among {divisors} (0: the planner chooses)"
+            )
+        if self.group_size is not None and self.group_size < self.sp and self.moe_layers:
+            raise ValueError(
+                f"parallel.group_size={self.group_size}: mixture-of-experts layers run on the "
+                "whole sp group; leave it 0 (or set it to sp)"
+            )
+
+    @property
+    def sub_group_sizes(self) -> tuple[int, ...]:
+        """The sub-group sizes g < sp whose options are priced (see `group_sizes`)."""
+        if self.group_size is not None:
+            return (self.group_size,) if self.group_size < self.sp else ()
+        if self.group_sizes is not None:
+            return tuple(int(g) for g in self.group_sizes if g < self.sp)
+        if self.strategies is not None or self.moe_layers:
+            return ()
+        return tuple(d for d in range(1, self.sp) if self.sp % d == 0)
 
     @property
     def budget(self) -> float:
@@ -113,12 +147,13 @@ class PlanningSetup:
     def costs(self) -> LayerCosts:
         """The options the setup allows, priced per micro-batch (cached)."""
         options = enumerate_options(
-            self.shape, self.sp, self.strategies, self.recomputes, supports=self.supports
-        )
+            self.shape, self.sp, self.strategies, self.recomputes, supports=self.supports,
+            group_sizes=self.sub_group_sizes,
+        )  # fmt: skip
         return LayerCosts(
             CostModel(self.hardware, self.profile), self.shape, self.model.layers, self.sp,
             options, dtype=self.dtype, vocab=self.model.vocab, nodes_spanned=self.nodes_spanned,
-            moe=self.moe, moe_layers=self.moe_layers,
+            moe=self.moe, moe_layers=self.moe_layers, logits_chunk=self.logits_chunk,
         )  # fmt: skip
 
     @cached_property
@@ -145,7 +180,7 @@ class PlanningSetup:
             self.costs, self.budget, static_bytes=self.static_bytes,
             offloadable_bytes=self._per_layer("layer_moments"),
             frozen_bytes=self._per_layer("layer_gradients"),
-            method=method, hysteresis=hysteresis,
+            method=method, hysteresis=hysteresis, group_size=self.group_size,
         )  # fmt: skip
 
     def _per_layer(self, name: str) -> list[int]:

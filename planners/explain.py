@@ -6,16 +6,18 @@ micro-batch: the question to ask before renting a cluster.
 
 Datasheet rates of the hardware preset unless --profile gives measured ones. Besides the chosen
 plan it prints every method side by side (the exact optimum, the paradyse heuristic, every
-static strategy) and the longest single sequence that fits. Exit 2 for bad arguments, 3 when
-no plan fits.
+static strategy) and the longest single sequence that fits, with the loss's logits in chunks of
+--logits-chunk tokens (the trainer's `train.logits_chunk`) and with the whole logits at once.
+Exit 2 for bad arguments, 3 when no plan fits.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from cost_models import Profile, ProfileError, detect, get_preset
+from cost_models import LOGITS_CHUNK, Profile, ProfileError, detect, get_preset
 
 from .build import PlanningSetup
 from .method import Method
@@ -24,13 +26,17 @@ from .planner import Plan
 from .problem import InfeasibleError
 from .units import format_bytes, parse_bytes
 
-__all__ = ["main", "baseline_methods", "report"]
+__all__ = ["main", "baseline_methods", "report", "longest_line"]
 
 
 def baseline_methods(options) -> list[Method]:
-    """exact, paradyse, then static:NAME for every strategy among the options."""
-    strategies = list(dict.fromkeys(o.strategy for o in options))
-    return [Method("exact"), Method("paradyse")] + [Method("static", s) for s in strategies]
+    """exact, paradyse, then static:NAME for every strategy among the options, and
+    static:gN:NAME for those that also run on sub-groups of N (a batch with fewer sequences than
+    sub-groups runs NAME on the whole group)."""
+    whole = list(dict.fromkeys(o.strategy for o in options if o.group is None))
+    grouped = dict.fromkeys(f"g{o.group}:{o.strategy}" for o in options
+                            if o.group is not None and o.strategy in whole)  # fmt: skip
+    return [Method("exact"), Method("paradyse")] + [Method("static", s) for s in (*whole, *grouped)]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         "--recompute", default=None, choices=["none", "selective", "full"],
         help="force one recompute mode (default: the planner decides)",
     )  # fmt: skip
+    p.add_argument(
+        "--logits-chunk", type=int, default=LOGITS_CHUNK,
+        help=f"tokens per chunk of the loss's logits, as train.logits_chunk (default "
+             f"{LOGITS_CHUNK}; 0: the whole logits at once)",
+    )  # fmt: skip
     p.add_argument("--options", action="store_true", help="also print every option's layer cost")
     return p
 
@@ -102,6 +113,8 @@ def _setup(args) -> tuple[PlanningSetup, list[int]]:
                         ("--devices-per-node", args.devices_per_node)):  # fmt: skip
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if args.logits_chunk < 0:
+        raise ValueError(f"--logits-chunk must be >= 0 (0: whole logits), got {args.logits_chunk}")
     budget = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget else None
     sp = hardware.devices_per_node if args.sp is None else args.sp
     dtype = args.dtype or (profile.machine.get("dtype") if profile else None) or "bfloat16"
@@ -110,6 +123,7 @@ def _setup(args) -> tuple[PlanningSetup, list[int]]:
         shard_optimizer=args.shard_optimizer, devices_per_node=args.devices_per_node,
         strategies=args.strategies.split(",") if args.strategies else None,
         recomputes=[args.recompute] if args.recompute else None,
+        logits_chunk=args.logits_chunk,
     )  # fmt: skip
     return setup, lens
 
@@ -140,10 +154,12 @@ def report(
     )
     print(f"model {model.describe()}")
     tables = setup.costs.tables(lens)
+    chunk = setup.logits_chunk
+    logits = f"in chunks of {chunk:,} tokens" if chunk else "whole"
     print(
         f"micro-batch: {len(lens)} sequence(s), {sum(lens):,} tokens "
         f"({sum(tables.signature):,} padded), longest {max(lens):,}; LM-head logits "
-        f"{format_bytes(tables.head_bytes)}"
+        f"{format_bytes(tables.head_bytes)} ({logits})"
     )
     print(
         f"memory per rank: budget {format_bytes(setup.budget)}; static "
@@ -181,9 +197,26 @@ def report(
     print(f"\n{'method':<18} {'time s':>10} {'x exact':>7} {'peak':>11}  plan")
     for m in methods:
         print(_row(str(m), plans[m], reference, errors.get(m)))
-    longest = setup.planner(method).longest_fitting()
-    print(f"\nlongest single sequence that fits ({method}): {longest:,} tokens")
+    print()
+    print(longest_line(setup, method))
     return 0 if chosen is not None else 3
+
+
+def longest_line(setup: PlanningSetup, method: Method) -> str:
+    """'longest single sequence that fits (METHOD): N tokens', and with chunked logits the
+    longest with the whole logits beside it and the gain."""
+    longest = setup.planner(method).longest_fitting()
+    line = f"longest single sequence that fits ({method}): {longest:,} tokens"
+    if not setup.logits_chunk or not setup.model.vocab:
+        return line + " (whole logits)"
+    whole = dataclasses.replace(setup, logits_chunk=0).planner(method).longest_fitting()
+    gain = f"{longest / whole:.2f}x" if whole else "none fits with them"
+    if whole and longest == whole:
+        gain += ": the logits are not what limits it"
+    return (
+        f"{line} with the logits in chunks of {setup.logits_chunk:,} tokens; {whole:,} with "
+        f"the whole logits ({gain})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,24 +6,38 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["METHODS", "Method", "parse_option_label"]
+__all__ = ["METHODS", "Method", "option_group", "parse_option_label"]
 
 METHODS = ("exact", "paradyse", "static:<strategy>[+<recompute>]")
 """exact: the optimum (default); paradyse: the published heuristic; static:NAME: one option on
 every layer (static:ring picks ring's fastest recompute mode that fits; static:ring+full
-fixes it; static:usp2x2 fixes usp's split)."""
+fixes it; static:usp2x2 fixes usp's split; static:g1:local runs every micro-batch on sub-groups of
+one rank)."""
 
-_LABEL = re.compile(r"^([a-z_]+?)(\d+x\d+)?(?:\+(none|selective|full))?$")
+_LABEL = re.compile(r"^(?:g(\d+):)?([a-z_]+?)(\d+x\d+)?(?:\+(none|selective|full))?$")
 
 
-def parse_option_label(label: str) -> tuple[str, str | None, str]:
-    """'usp2x4+full' -> ('usp', '2x4', 'full'); 'tp_sp' -> ('tp_sp', None, 'none')."""
+def _match(label: str) -> re.Match:
     match = _LABEL.match(label)
     if not match:
         raise ValueError(
-            f"bad option name {label!r}: write STRATEGY[+RECOMPUTE], e.g. ring+full or usp2x4"
+            f"bad option name {label!r}: write [gN:]STRATEGY[+RECOMPUTE], e.g. ring+full, usp2x4 "
+            "or g1:local (on sub-groups of one rank)"
         )
-    return match.group(1), match.group(2), match.group(3) or "none"
+    return match
+
+
+def parse_option_label(label: str) -> tuple[str, str | None, str]:
+    """'usp2x4+full' -> ('usp', '2x4', 'full'); 'tp_sp' -> ('tp_sp', None, 'none'); the
+    sub-group size of 'g2:tp_sp' is `option_group`'s."""
+    match = _match(label)
+    return match.group(2), match.group(3), match.group(4) or "none"
+
+
+def option_group(label: str) -> int | None:
+    """'g2:tp_sp' -> 2 (sub-groups of two ranks); None for an option on the whole group."""
+    found = _match(label).group(1)
+    return None if found is None else int(found)
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,7 @@ class Method:
         """The option columns a static method may use: its strategy (and split, and recompute
         mode when given); ValueError, one line, when there is none."""
         strategy, factors, recompute = parse_option_label(self.label)
+        group = option_group(self.label)
         columns = []
         for j, label in enumerate(labels):
             s, f, r = parse_option_label(label)
@@ -90,6 +105,7 @@ class Method:
                 s == strategy
                 and factors in (None, f)
                 and (self.recompute is None or r == recompute)
+                and option_group(label) == group
             ):
                 columns.append(j)
         if not columns:

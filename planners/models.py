@@ -52,6 +52,10 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
         "bert-large", 1024, 16, 16, 64, swiglu_width(1024), 24, 30522,
         "BERT-large's width, heads and depth; SwiGLU at a 4h GELU MLP's parameter count",
     ),
+    "llama-7b": ModelSpec(
+        "llama-7b", 4096, 32, 32, 128, 11008, 32, 32000,
+        "LLaMA-2-7B, all 32 layers (the shape of launch/configs/llama_7b.toml)",
+    ),
     "llama-70b": ModelSpec(
         "llama-70b", 8192, 64, 8, 128, 28672, 8, 32000,
         "LLaMA-2-70B layers (GQA 64/8, F=28672), 8 of its 80 layers as in the paper",

@@ -7,6 +7,7 @@ the baselines, in benchmarks) share one set of cost-model calls.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,13 +16,15 @@ import numpy as np
 
 from cost_models import RECOMPUTE_MODES, STRATEGIES, logits_bytes
 from cost_models.counts import check_config, pad_length
+from cost_models.group_size import assign_sequences, group_layer_cost, sequence_costs
 
 __all__ = ["Option", "LayerCosts", "CostTables", "enumerate_options", "config_supports"]
 
 
 @dataclass(frozen=True)
 class Option:
-    """One way to run a layer: a strategy (with usp's inner x outer split) and a recompute mode."""
+    """One way to run a layer: a strategy (with usp's inner x outer split) and a recompute mode,
+    on the whole sp group or, with `group`, on sub-groups of that many ranks."""
 
     strategy: str
     recompute: str = "none"
@@ -29,11 +32,16 @@ class Option:
     """usp only: the all-to-all degree u (the ring runs across P/u)."""
     outer: int | None = None
     """usp only: the ring degree P/u."""
+    group: int | None = None
+    """g < P: the micro-batch runs as P/g sub-groups of g ranks, each on its own sequences
+    (`parallel_lib.group_size`); None: on the whole group. Every layer of a plan has the same."""
 
     @property
     def name(self) -> str:
-        """'tp_sp', 'ring+full', 'usp2x4+selective' (u x c): the label plans print."""
+        """'tp_sp', 'ring+full', 'usp2x4+selective' (u x c), 'g1:local' (on sub-groups of 1):
+        the label plans print."""
         base = self.strategy + (f"{self.inner}x{self.outer}" if self.inner else "")
+        base = base if self.group is None else f"g{self.group}:{base}"
         return base if self.recompute == "none" else f"{base}+{self.recompute}"
 
     def __str__(self) -> str:
@@ -59,9 +67,12 @@ def enumerate_options(
     strategies: Sequence[str] | None = None,
     recomputes: Sequence[str] | None = None,
     supports: Supports = config_supports,
+    group_sizes: Sequence[int] = (),
 ) -> list[Option]:
     """Every option `supports` allows, in a fixed order (strategies as given, usp once per split
-    u x c with u, c >= 2, then recompute modes). ValueError, one line with the reasons, if none."""
+    u x c with u, c >= 2, then recompute modes), then, for each sub-group size g < P in
+    `group_sizes`, the strategies that run on g ranks (usp not: a sub-group has no 2-D
+    factorisation). ValueError, one line with the reasons, if none on the whole group."""
     strategies = tuple(strategies or STRATEGIES)
     recomputes = tuple(recomputes or RECOMPUTE_MODES)
     for name, given, known in (("strategy", strategies, STRATEGIES),
@@ -92,6 +103,14 @@ def enumerate_options(
         raise ValueError(
             f"no strategy can run this layer on sp={P} ({reasons}); choose sp among {sizes}"
         )
+    for g in sorted({int(g) for g in group_sizes if 0 < g < P and P % g == 0}, reverse=True):
+        for strategy in STRATEGIES if g == 1 else strategies:
+            if strategy == "usp" or (g == 1) != (strategy == "local"):
+                continue
+            for recompute in recomputes:
+                option = Option(strategy, recompute, group=g)
+                if supports(option, shape, g)[0]:
+                    options.append(option)
     return options
 
 
@@ -134,6 +153,7 @@ class LayerCosts:
         cache_size: int = 4096,
         moe=None,
         moe_layers: Sequence[int] = (),
+        logits_chunk: int = 0,
     ) -> None:
         if layers < 1:
             raise ValueError(f"the model needs at least one layer, got {layers}")
@@ -147,6 +167,8 @@ class LayerCosts:
         self.options = list(options)
         self.dtype, self.vocab, self.nodes_spanned = dtype, vocab, nodes_spanned
         self.cache_size = cache_size
+        self.logits_chunk = logits_chunk
+        """Tokens per chunk of the loss's logits (`cost_models.logits_bytes`; 0: whole logits)."""
         self._cache: OrderedDict[tuple, CostTables] = OrderedDict()
 
     def signature(self, seq_lens: Sequence[int]) -> tuple[int, ...]:
@@ -163,19 +185,51 @@ class LayerCosts:
             raise ValueError(f"{what} layers {bad} outside the model's {self.layers} layers")
         return chosen
 
+    def sub_groups(self, seq_lens: Sequence[int], g: int) -> list[list[int]] | None:
+        """Indices of the sequences each of the P/g sub-groups of g ranks trains, dealt by
+        predicted cost (`cost_models.group_size.assign_sequences`; the engine deals them by
+        this same call); None when there are fewer sequences than sub-groups."""
+        groups = self.P // g
+        if len(seq_lens) < groups:  # a sub-group needs at least one sequence
+            return None
+        return assign_sequences(sequence_costs(self.shape, seq_lens), groups)
+
+    def _cost(self, option: Option, key: tuple[int, ...], trainable: bool, moe: bool):
+        kw = {"dtype": self.dtype, "inner": option.inner, "nodes_spanned": self.nodes_spanned,
+              "trainable": trainable}  # fmt: skip
+        if option.group is None:
+            extra = {"moe": self.moe} if moe else {}
+            return self.model.layer_cost(self.shape, option.strategy, option.recompute, key,
+                                         self.P, **kw, **extra)  # fmt: skip
+        members = self.sub_groups(key, option.group)
+        if members is None or moe:  # too few sequences; a MoE layer runs on the whole group
+            return None
+        lens = [[key[i] for i in m] for m in members]
+        return group_layer_cost(self.model, self.shape, option.strategy, option.recompute, lens,
+                                self.P, **kw)  # fmt: skip
+
+    def _head_bytes(self, key: tuple[int, ...], g: int | None) -> float:
+        """The LM head's logits on one rank: of T/P tokens, or on sub-groups of g, of the
+        most loaded sub-group's tokens / g."""
+        if not self.vocab:
+            return 0.0
+        if g is None:
+            return logits_bytes(sum(key), self.vocab, self.P, self.logits_chunk)
+        members = self.sub_groups(key, g)
+        if members is None:
+            return 0.0
+        return max(logits_bytes(sum(pad_length(key[i], g) for i in m), self.vocab, g,
+                                self.logits_chunk) for m in members)  # fmt: skip
+
     def _row(self, key: tuple[int, ...], trainable: bool, moe: bool) -> tuple[list, list, list]:
-        """(time, saved, transient) of every option for one layer (a MoE layer's: `moe`)."""
+        """(time, saved, transient) of every option for one layer (a MoE layer's: `moe`); an
+        option that cannot run this batch costs inf."""
         row_t, row_m, row_tr = [], [], []
-        extra = {"moe": self.moe} if moe else {}
         for option in self.options:
-            cost = self.model.layer_cost(
-                self.shape, option.strategy, option.recompute, key, self.P, dtype=self.dtype,
-                inner=option.inner, nodes_spanned=self.nodes_spanned, trainable=trainable,
-                **extra,
-            )  # fmt: skip
-            row_t.append(cost.time_s)
-            row_m.append(cost.saved_bytes)
-            row_tr.append(cost.transient_bytes)
+            cost = self._cost(option, key, trainable, moe)
+            row_t.append(math.inf if cost is None else cost.time_s)
+            row_m.append(math.inf if cost is None else cost.saved_bytes)
+            row_tr.append(math.inf if cost is None else cost.transient_bytes)
         return row_t, row_m, row_tr
 
     def tables(self, seq_lens: Sequence[int], frozen: frozenset[int] = frozenset()) -> CostTables:
@@ -188,7 +242,8 @@ class LayerCosts:
             return found
         kinds = [(i not in frozen, i in self.moe_layers) for i in range(self.layers)]
         rows = {kind: self._row(key, *kind) for kind in dict.fromkeys(kinds)}
-        head = logits_bytes(sum(key), self.vocab, self.P) if self.vocab else 0
+        head = logits_bytes(sum(key), self.vocab, self.P, self.logits_chunk) if self.vocab else 0
+        heads = np.array([self._head_bytes(key, o.group) for o in self.options], np.float64)
         per_layer = [rows[kind] for kind in kinds]
 
         def stack(k: int) -> np.ndarray:
@@ -198,7 +253,7 @@ class LayerCosts:
             signature=key,
             time=stack(0),
             saved=stack(1),
-            transient=np.maximum(stack(2), head),
+            transient=np.maximum(stack(2), heads),
             head_bytes=head,
             frozen=frozen,
         )

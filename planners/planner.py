@@ -9,13 +9,14 @@ gets the same plans without communicating.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .choose import choose
-from .method import Method
+from .method import Method, option_group
 from .options import CostTables, LayerCosts, Option
 from .problem import InfeasibleError, saved_sum
 
@@ -45,6 +46,12 @@ class Plan:
     """Per layer, the index of its option among the planner's options."""
     frozen: frozenset[int] = frozenset()
     """The layers planned as frozen (no weight gradients)."""
+
+    @property
+    def group_size(self) -> int | None:
+        """g when the micro-batch runs on sub-groups of g ranks (`Option.group`, the same on
+        every layer); None: on the whole sp group."""
+        return self.options[0].group if self.options else None
 
     @property
     def strategies(self) -> list[str]:
@@ -85,7 +92,9 @@ class Planner:
     leaves the device while an optimizer wrapper keeps it elsewhere (`set_step`).
     frozen_bytes: per layer, the part of static_bytes that is its gradient buffer, freed while
     the layer is frozen. method: a
-    `Method` or its string ("exact", "paradyse", "static:NAME"; see `planners.METHODS`)."""
+    `Method` or its string ("exact", "paradyse", "static:NAME"; see `planners.METHODS`).
+    group_size: plan every micro-batch with enough sequences on sub-groups of that size (the
+    options named 'gN:...'); None: each micro-batch on the group size whose plan is fastest."""
 
     def __init__(
         self,
@@ -97,6 +106,7 @@ class Planner:
         frozen_bytes: Sequence[int] = (),
         method: str | Method = "exact",
         hysteresis: float = HYSTERESIS,
+        group_size: int | None = None,
     ) -> None:
         self.method = Method.parse(method)
         if not hysteresis >= 0:
@@ -112,6 +122,12 @@ class Planner:
         self.labels = [o.name for o in costs.options]
         if self.method.static:
             self.method.columns(self.labels)  # ValueError, one line, for an option not here
+        self._by_group: dict[int | None, list[int]] = {}
+        """Option columns per sub-group size (None: the whole group): a plan uses one."""
+        for j, option in enumerate(costs.options):
+            self._by_group.setdefault(option.group, []).append(j)
+        self.group_size = None if group_size == costs.P else group_size
+        """Forced sub-group size: its options wherever the batch has enough sequences."""
         self._entries: dict[tuple, _Entry] = {}
         self._previous: tuple[int, ...] | None = None
         self._longest: dict[tuple, int] = {}  # (limit, step state) -> longest_fitting(limit)
@@ -176,19 +192,65 @@ class Planner:
         return entry
 
     def _choose(self, tables: CostTables, static: int) -> tuple[int, ...]:
-        options = self.labels if self.method.static else None
-        return tuple(
-            choose(tables.time, tables.saved, tables.transient, self.budget_bytes - static,
-                   self.method, options=options)
-        )  # fmt: skip
+        """The method's plan; exact and paradyse plan each group size on its own columns (a
+        micro-batch has one layout) and keep the fastest (ties: the whole group first)."""
+        budget = self.budget_bytes - static
+        if self.method.static or len(self._by_group) == 1:
+            options = self.labels if self.method.static else None
+            return tuple(choose(tables.time, tables.saved, tables.transient, budget,
+                                self._static_fallback(tables), options=options))  # fmt: skip
+        best, failures = None, []
+        groups = self._by_group
+        forced = groups.get(self.group_size) if self.group_size is not None else None
+        if forced is not None and np.isfinite(tables.time[:, forced]).any(axis=1).all():
+            groups = {self.group_size: forced}
+        for columns in groups.values():
+            if not np.isfinite(tables.time[:, columns]).any(axis=1).all():
+                continue  # too few sequences for these sub-groups
+            try:
+                sub = choose(tables.time[:, columns], tables.saved[:, columns],
+                             tables.transient[:, columns], budget, self.method)  # fmt: skip
+            except InfeasibleError as error:
+                failures.append(error)
+                continue
+            choice = tuple(columns[j] for j in sub)
+            time = float(tables.time[np.arange(len(choice)), list(choice)].sum())
+            if best is None or time < best[0]:
+                best = (time, choice)
+        if best is None:
+            raise min(failures, key=lambda e: e.leanest_bytes)
+        return best[1]
+
+    def _static_fallback(self, tables: CostTables) -> Method:
+        """The method, except that a static 'gN:NAME' runs NAME on the whole group for a batch
+        with fewer sequences than sub-groups (InfeasibleError where NAME has no whole-group
+        option, as local)."""
+        method = self.method
+        if not method.static or option_group(method.label) is None:
+            return method
+        columns = method.columns(self.labels)
+        if np.isfinite(tables.time[:, columns]).any(axis=1).all():
+            return method
+        whole = Method("static", method.label.split(":", 1)[1])
+        try:
+            whole.columns(self.labels)
+        except ValueError:  # g1:local: no whole-group counterpart
+            raise InfeasibleError(math.inf, self.budget_bytes, method=str(method)) from None
+        return whole
 
     def _decide(self, entry: _Entry) -> Plan:
         best = self._make(entry, entry.best)
         if self._previous is None or self._previous == entry.best:
             return best
-        previous = self._make(entry, self._previous, kept=True)
         fits = self._peak(entry.tables, self._previous) <= self.budget_bytes - entry.static
-        if fits and previous.predicted_s <= (1 + self.hysteresis) * best.predicted_s:
+        if not fits:  # also when the batch has too few sequences for its sub-groups
+            return best
+        if self.group_size is not None and self.options[self._previous[0]].group != (
+            best.group_size
+        ):
+            return best  # a forced group size is not given up to hysteresis
+        previous = self._make(entry, self._previous, kept=True)
+        if previous.predicted_s <= (1 + self.hysteresis) * best.predicted_s:
             return previous
         return best
 

@@ -171,6 +171,7 @@ def test_invalid_toml(tmp_path):
         ("model.layers=0", "model.layers"),
         ("model.hidden=-64", "model.hidden"),
         ("model.vocab=0", "model.vocab"),
+        ("train.logits_chunk=-1", "train.logits_chunk"),
     ],
 )
 def test_out_of_range(override, key):

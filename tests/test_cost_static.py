@@ -36,6 +36,11 @@ def test_static_memory_by_hand() -> None:
     tied = params - V * H // 4
     assert fp32.weights == 4 * tied and fp32.optimizer == 8 * tied  # not sharded over dp
     assert fp32.total == fp32.weights + fp32.gradients + fp32.optimizer
-    assert logits_bytes(256, V, 4) == 2 * 256 * (V // 4) * 4  # all T tokens, V/sp rows
+    # whole logits: three float32 (T/sp, V) buffers; chunked: two of one chunk (all local tokens
+    # if fewer)
+    assert logits_bytes(256, V, 4) == 3 * 256 * (V // 4) * 4 == 3 * (256 // 4) * V * 4
+    assert logits_bytes(256, V, 4, chunk=16) == 2 * 16 * V * 4
+    one_chunk = 2 * 64 * V * 4  # a chunk as long as the 64 local tokens, or longer
+    assert logits_bytes(256, V, 4, chunk=64) == logits_bytes(256, V, 4, chunk=1000) == one_chunk
     f64 = static_memory(SHAPE, L, V, sp=4, dtype="float64")
     assert f64.optimizer == 16 * params  # two float64 moments, no master copy

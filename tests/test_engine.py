@@ -30,9 +30,12 @@ def _config(*extra: str):
     return load_config(None, [*TINY, *extra])
 
 
-def _losses(sp: int, *extra: str) -> list[float]:
+def _losses(sp: int, *extra: str, plans: list | None = None) -> list[float]:
     trainer = Trainer(_config(*extra), mesh=mesh_for(sp), log=lambda *_: None)
-    return [r["loss"] for r in trainer.run()]
+    records = trainer.run()
+    if plans is not None:
+        plans += [r["plan"] for r in records]
+    return [r["loss"] for r in records]
 
 
 def _all_runs() -> dict[str, list[float]]:
@@ -61,6 +64,35 @@ def test_losses_agree_across_strategies_and_meshes(local_losses) -> None:
     assert {"tp_sp", "ulysses", "ring", "usp", "metp", "adaptive", "dp2xsp2"} <= set(per_rank[0])
     for name, losses in per_rank[0].items():
         for step, (got, want) in enumerate(zip(losses, local_losses, strict=True)):
+            assert abs(got - want) <= 1e-5 * abs(want), (name, step, got, want)
+
+
+SHORT = ("data.max_seq_len=96",)
+"""Documents cut to 96 tokens: every micro-batch holds enough sequences for sub-groups."""
+
+
+def _group_runs() -> dict[str, tuple[list[float], list[str]]]:
+    runs = {}
+    for sp, g in ((4, 1), (4, 2), (4, 0), (2, 1)):  # g = 0: the planner chooses
+        plans: list[str] = []
+        losses = _losses(sp, *SHORT, f"parallel.group_size={g}", plans=plans)
+        runs[f"dp{4 // sp}xsp{sp} g{g}"] = (losses, plans)
+    return runs
+
+
+def test_sub_groups_train_like_one_process() -> None:
+    """Loss parity with one process when every micro-batch runs as sub-groups of 1 or 2 ranks
+    (forced), when the planner chooses the group size, and with dp 2 x sp 2 on sub-groups of
+    one rank: the group size changes who computes what, never the result."""
+    reference = _losses(1, *SHORT, "parallel.strategy=local")
+    per_rank = run_distributed(4, _group_runs, timeout=600)
+    for runs in per_rank[1:]:  # plans differ between dp groups (their data does), losses not
+        assert {k: v[0] for k, v in runs.items()} == {k: v[0] for k, v in per_rank[0].items()}
+    for name, (losses, plans) in per_rank[0].items():
+        forced = name.split(" g")[1]
+        if forced != "0":
+            assert any(f"g{forced}:" in p for p in plans), (name, plans)
+        for step, (got, want) in enumerate(zip(losses, reference, strict=True)):
             assert abs(got - want) <= 1e-5 * abs(want), (name, step, got, want)
 
 

@@ -26,6 +26,7 @@ MAY_IMPORT = {
 MEASURING = {
     "cost_models.profile",
     "cost_models.profile_check",
+    "cost_models.profile_groups",
     "cost_models.timing",
     "cost_models.validate",
 }

@@ -93,7 +93,7 @@ def test_plan_predictions_match_the_cost_model_and_tables_are_cached() -> None:
                          inner=o.inner)
         for o in plan.options
     ]  # fmt: skip
-    head = 2 * sum(costs.signature([65536, 3000, 17])) * (32000 // 8) * 4
+    head = 3 * sum(costs.signature([65536, 3000, 17])) * (32000 // 8) * 4  # whole logits
     step = CostModel.step(layer_costs, static, head_bytes=head)
     assert plan.predicted_s == pytest.approx(step.time_s, rel=1e-12)
     assert abs(plan.predicted_peak_bytes - step.peak_bytes) <= 1
@@ -103,6 +103,10 @@ def test_plan_predictions_match_the_cost_model_and_tables_are_cached() -> None:
     assert planner.plan([17, 65536, 3000]) is planner.plan([3000, 17, 65530])
     assert model.calls == calls
     assert costs.signature([17, 3000, 65536]) == (32, 3008, 65536)
+    # chunked logits (the trainer's default): the head's transient is one chunk's
+    chunked = LayerCosts(model, LLAMA, LLAMA.layers, 8, options, dtype="bfloat16",
+                         vocab=32000, logits_chunk=1024)  # fmt: skip
+    assert chunked.tables([65536, 3000, 17]).head_bytes == 2 * 1024 * 32000 * 4
 
 
 @dataclass(frozen=True)

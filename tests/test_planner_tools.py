@@ -28,13 +28,37 @@ def test_explain_prints_the_plan_and_every_method(capsys) -> None:
     )  # fmt: skip
     assert code == 0 and err == ""
     plan = re.search(r"^plan \(exact\): (.+)$", out, re.M)
-    assert plan and re.fullmatch(r"[a-z_0-9x+]+ x\d+( \| [a-z_0-9x+]+ x\d+)*", plan.group(1))
+    assert plan and re.fullmatch(r"[a-z_0-9x+:]+ x\d+( \| [a-z_0-9x+:]+ x\d+)*", plan.group(1))
     for method in ("exact", "paradyse", "static:tp_sp", "static:ulysses", "static:ring",
                    "static:usp", "static:metp"):  # fmt: skip
         assert re.search(rf"^{re.escape(method)} +\S", out, re.M), method
     assert re.search(r"^exact +\d+\.\d+ +1\.00 ", out, re.M)
     assert re.search(r"^usp4x2\+full +\d", out, re.M)  # the option table
-    assert re.search(r"^longest single sequence that fits \(exact\): [\d,]+ tokens$", out, re.M)
+    longest = re.search(r"^longest single sequence that fits \(exact\): ([\d,]+) tokens with the "
+                        r"logits in chunks of 1,024 tokens; ([\d,]+) with the whole logits "
+                        r"\((\d+\.\d+)x", out, re.M)  # fmt: skip
+    assert longest, out
+    chunked, whole = (int(longest.group(i).replace(",", "")) for i in (1, 2))
+    assert chunked >= whole > 0
+
+
+def test_explain_shows_the_longer_sequences_chunked_logits_fit(capsys) -> None:
+    """The 7B config's shape on its preset GPU (launch/configs/llama_7b.toml, h100-sxm, sp=8):
+    the whole logits (three float32 (T/8, 32000) buffers) limit it; in chunks of 1,024 tokens
+    the layers do."""
+    code, out, _ = _explain(
+        capsys, "--hardware", "h100-sxm", "--model", "llama-7b", "--sp", "8", "--seq-lens", "131072"
+    )
+    assert code == 0
+    assert "LM-head logits 250.0 MiB (in chunks of 1,024 tokens)" in out
+    found = re.search(r"\): ([\d,]+) tokens with the logits in chunks of 1,024 tokens; ([\d,]+) "
+                      r"with the whole logits \((\d+\.\d+)x\)", out)  # fmt: skip
+    chunked, whole = (int(found.group(i).replace(",", "")) for i in (1, 2))
+    assert chunked > 1.1 * whole and float(found.group(3)) == round(chunked / whole, 2)
+    code, out, _ = _explain(capsys, "--hardware", "h100-sxm", "--model", "llama-7b", "--sp", "8",
+                            "--seq-lens", "131072", "--logits-chunk", "0")  # fmt: skip
+    assert code == 0 and "(whole)" in out
+    assert f"): {whole:,} tokens (whole logits)" in out
 
 
 def test_explain_exits_3_when_nothing_fits_and_2_for_bad_arguments(capsys) -> None:
@@ -82,7 +106,7 @@ def test_simulation_benchmark_prints_every_method_and_the_papers_figures(capsys)
 def test_planner_speed_benchmark_runs(capsys) -> None:
     assert planner_speed.main(["--batches", "6"]) == 0
     out = capsys.readouterr().out
-    assert "identical layers: 6 instances of 80 layers x 18 options" in out
+    assert "identical layers: 6 instances of 80 layers x 45 options" in out
     assert re.search(r"^choose\(exact\) median \d+\.\d+ ms .* cached plan \d+\.\d us$", out, re.M)
 
 

@@ -25,10 +25,9 @@ from paradyse import (
     OptimConfig,
     SwitchableDecoderLayer,
     VocabParallelEmbedding,
-    token_loss_sum,
+    chunked_head_loss,
 )
 from paradyse.data import GlobalBatches, StdlibCorpus, assign_to_dp, micro_batches
-from parallel_lib import zero_linear
 from planners import PlanningSetup
 
 
@@ -53,9 +52,9 @@ class GatedTiedDecoder(nn.Module):
         x = self.embedding(batch.input_ids)  # (T/P, H)
         for gate, block in zip(self.gates, self.blocks, strict=True):
             x = x + gate * (block(x, batch) - x)
-        # tied head: the embedding's vocabulary shards, gathered for the local tokens' logits
-        logits = zero_linear(self.norm(x), self.embedding.weight, self.group, input_major=False)
-        return token_loss_sum(logits.float(), batch)
+        # tied head: the embedding's vocabulary shards, gathered once; the loss over chunks of
+        # 1,024 local tokens, so the (T/P, V) logits never exist whole (the planner counts a chunk)
+        return chunked_head_loss(self.norm(x), self.embedding.weight, batch.labels, self.group)
 
 
 def train(mesh: paradyse.Mesh, steps: int, tokens_per_step: int = 4096, log=print) -> list:

@@ -5,11 +5,12 @@ token budget per rank."""
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+
+from cost_models.group_size import assign_sequences
 
 from .errors import DataError, check_int
 from .instruct import target_count
@@ -203,20 +204,12 @@ def run_stream(data, vocab: int, seed: int) -> GlobalBatches:
 
 
 def assign_to_dp(lengths: Sequence[int], dp: int, cost: Callable[[int], float]) -> list[list[int]]:
-    """Indices of the sequences for each of `dp` groups, balanced by `cost(length)`:
-    longest-processing-time greedy (by decreasing cost, ties by index, each to the least-loaded
-    group, ties by the lowest group), so the largest load is within 4/3 of the optimum. Each
-    group's indices are sorted; a group is empty when there are fewer sequences than groups."""
+    """Indices of the sequences for each of `dp` groups, balanced by `cost(length)`
+    (`cost_models.group_size.assign_sequences`: longest-processing-time greedy, the largest
+    load within 4/3 of the optimum). Each group's indices are sorted; a group is empty when
+    there are fewer sequences than groups."""
     check_int("dp", dp, 1)
-    costs = [float(cost(int(n))) for n in lengths]
-    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
-    heap = [(0.0, g) for g in range(dp)]  # (load, group): pops the least load, then lowest group
-    groups: list[list[int]] = [[] for _ in range(dp)]
-    for i in order:
-        load, g = heapq.heappop(heap)
-        groups[g].append(i)
-        heapq.heappush(heap, (load + costs[i], g))
-    return [sorted(group) for group in groups]
+    return assign_sequences([float(cost(int(n))) for n in lengths], dp)
 
 
 def micro_batches(
