@@ -1,8 +1,10 @@
 """Hybrid time and memory cost models (DESIGN 6): analytic counts with profiled coefficients.
 
-Pure Python: imports nothing of this project's and no torch. The two measuring entry points,
-`python -m cost_models.profile` and `python -m cost_models.validate`, import torch and
-parallel_lib (they run `parallel_lib.decoder_layer_step`); nothing here imports them.
+Pure Python: imports nothing of this project's and no torch. The measuring modules, the entry
+points `python -m cost_models.profile` and `python -m cost_models.validate` (they run
+`parallel_lib.decoder_layer_step`), their timing (`cost_models.timing`) and the start-up check of
+a cached profile (`cost_models.profile_check`), import torch and parallel_lib; nothing here
+imports them.
 """
 
 from .counts import (

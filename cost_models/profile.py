@@ -5,94 +5,63 @@
 
 Every rank runs every measurement at once (the rates include the contention of the real job);
 a time is the slowest rank's. Measured: matmul and attention-kernel time per call over sizes
-taken from the model shape; memory-bound bandwidth; alpha + bytes/beta of every collective kind
-on every group size the strategies use (the group and its inner x outer factors); the overlap of
-compute and p2p; and, per strategy, a calibration scale from real layer steps at three sizes.
-Run it under torchrun on the machine you will train on, with the model's shape. It is one of the
-two modules of `cost_models` that import torch and `parallel_lib` (with `cost_models.validate`);
-layer steps run through `parallel_lib.decoder_layer_step`, the function training runs.
+taken from the model shape; memory-bound bandwidth; alpha (a tiny message's time) + bytes/beta
+of every collective kind on every group size the strategies use (the group and its inner x outer
+factors); the overlap of compute and p2p; and, per strategy, a calibration scale from real layer
+steps at three sizes. Each coefficient is measured in rounds until its spread (IQR / median) is
+under 10% or a cap of rounds is reached (`cost_models.stability`); the profile records every
+spread and the conditions it ran under, and the output names the coefficients it could not pin
+down and warns when the machine was busy. Run it under torchrun on the machine you will train
+on, with the model's shape. A measuring module of `cost_models` (it imports torch and
+`parallel_lib`); layer steps run through `parallel_lib.decoder_layer_step`, the function training
+runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from statistics import median
 
 import torch
 import torch.distributed as dist
 
 from parallel_lib import (
     LayerWeights,
-    RingExchange,
     ZigzagLayout,
-    all_gather_dim0,
-    all_reduce_,
-    all_to_all,
     attention_backward,
     attention_forward,
-    count_bytes,
     decoder_layer_step,
     get_strategy,
     init_mesh,
     pad_length,
-    reduce_scatter_dim0,
 )
 from parallel_lib.cli import add_shape_arguments, fail, shape_from, threads_from_env
 
 from .counts import RECOMPUTE_MODES, STRATEGIES, dtype_name
 from .hardware import detect
 from .model import CostModel
-from .profile_data import Curve, LinkFit, Profile, ProfileError
+from .profile_data import SPREAD_TARGET, Curve, Profile, ProfileError
 from .profile_groups import calibrate_sub_groups
+from .stability import conditions_now, conditions_record, profile_warnings, settle, spread
+from .timing import (
+    collective_ops,
+    measure_elementwise,
+    measure_link,
+    measure_overlap,
+    settled_time,
+    slowest,
+    synchronize,
+)
 
-__all__ = ["measure_profile", "main"]
+__all__ = ["measure_profile", "main", "step_times"]
 
-MIN_SECONDS = 0.02  # each measurement repeats the call until it has run this long
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued kernels, so a clock read times work, not launches."""
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
-
-
-def _slowest(seconds: float, device: torch.device) -> float:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return seconds
-    t = torch.tensor([seconds], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
-def timed(
-    fn: Callable[[], object],
-    device: torch.device,
-    repeats: int | None = None,
-    min_seconds: float = MIN_SECONDS,
-) -> float:
-    """Mean seconds per call of fn on the slowest rank over back-to-back calls (a count every
-    rank agrees on, so collectives inside fn stay matched), after a warm-up. The mean, not a
-    best case: a training step sees the average contention of ranks sharing a machine."""
-    fn()
-    if repeats is None:
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        once = _slowest(time.perf_counter() - start, device)
-        repeats = max(2, min(100, int(min_seconds / max(once, 1e-6)) + 1))
-    if dist.is_initialized():
-        dist.barrier()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    synchronize(device)
-    return _slowest((time.perf_counter() - start) / repeats, device)
+CALIBRATION_ROUNDS = 7
+"""At most this many timings of every calibration step (at least 3)."""
 
 
 def _sizes(first: int, last: int, step: int = 4) -> list[int]:
@@ -103,111 +72,68 @@ def _sizes(first: int, last: int, step: int = 4) -> list[int]:
     return sizes
 
 
-def _matmuls(shape, P: int, dtype, device, max_tokens: int) -> list[list[float]]:
+def _matmuls(shape, P: int, dtype, device, max_tokens: int) -> tuple[list, list[float]]:
+    """Points (FLOPs, seconds) of the layer's matmul shapes over token counts, and each point's
+    spread."""
     H, d = shape.hidden, shape.head_dim
     q, kv, F = shape.heads * d, shape.kv_heads * d, shape.ffn_hidden
     pairs = sorted({(H, q + 2 * kv), (q, H), (H, 2 * F), (F, H), (H, 2 * F // P), (F // P, H)})
-    points = []
+    points, spreads = [], []
     for m in _sizes(16, max_tokens // 2):
         for k, n in pairs:
             a = torch.randn(m, k, dtype=dtype, device=device)
             b = torch.randn(k, n, dtype=dtype, device=device)
-            points.append([2.0 * m * k * n, timed(lambda a=a, b=b: a @ b, device)])
-    return points
+            seconds, reached = settled_time(lambda a=a, b=b: a @ b, device)
+            points.append([2.0 * m * k * n, seconds])
+            spreads.append(reached)
+    return points, spreads
 
 
-def _attention(shape, P: int, dtype, device, causal: bool, max_tokens: int) -> tuple[list, list]:
-    """(forward, backward) points of one kernel call: causal L x L blocks, or unmasked L x L/2
-    blocks (a ring step off the diagonal)."""
-    d, forward, backward = shape.head_dim, [], []
+def _attention(shape, P: int, dtype, device, causal: bool, max_tokens: int):
+    """(forward, backward) points of one kernel call, causal L x L blocks or unmasked L x L/2
+    blocks (a ring step off the diagonal), and the (forward, backward) points' spreads."""
+    d, forward, backward, spreads = shape.head_dim, [], [], ([], [])
     for heads, kv in {(shape.heads, shape.kv_heads), (shape.heads // P, shape.kv_heads // P)}:
         for L in _sizes(32, max_tokens) if causal else _sizes(64, max(max_tokens // 2, 512), 8):
             Lk = L if causal else L // 2
             q = torch.randn(L, heads, d, dtype=dtype, device=device)
             k = torch.randn(Lk, kv, d, dtype=dtype, device=device)
             v = torch.randn(Lk, kv, d, dtype=dtype, device=device)
-            f, b = _attention_times(q, k, v, causal)
+            (f, sf), (b, sb) = _attention_times(q, k, v, causal)
             flops = 4.0 * heads * d * (L * (L + 1) // 2 if causal else L * Lk)
             forward.append([flops, f])
             backward.append([2 * flops, b])
-    return forward, backward
+            spreads[0].append(sf)
+            spreads[1].append(sb)
+    return forward, backward, spreads
 
 
-def _attention_times(q, k, v, causal: bool) -> tuple[float, float]:
-    """Forward and backward seconds of one attention kernel call over one sequence."""
+def _attention_times(q, k, v, causal: bool):
+    """(seconds, spread) of one attention kernel call over one sequence, forward and backward."""
     cu_q, cu_k = [0, q.shape[0]], [0, k.shape[0]]
     out, lse = attention_forward(q, k, v, cu_q, cu_k, causal=causal)
     dout = torch.randn_like(out)
-    forward = timed(lambda: attention_forward(q, k, v, cu_q, cu_k, causal=causal), q.device)
-    backward = timed(
+    forward = settled_time(lambda: attention_forward(q, k, v, cu_q, cu_k, causal=causal), q.device)
+    backward = settled_time(
         lambda: attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal), q.device
     )
     return forward, backward
 
 
-def _overlap(group, dtype, device) -> float:
-    """Fraction of the shorter of a matmul and a ring exchange hidden when both run at once."""
-    a = torch.randn(512, 512, dtype=dtype, device=device)
-    payload = torch.randn(1 << 20, dtype=dtype, device=device)
-
-    def exchange():
-        ring = RingExchange(group)
-        ring.start(payload)
-        return ring.wait()
-
-    def both():
-        ring = RingExchange(group)
-        ring.start(payload)
-        for _ in range(4):
-            a @ a
-        return ring.wait()
-
-    # long measurements: the fraction is a small difference of large times
-    compute = timed(lambda: [a @ a for _ in range(4)], device, min_seconds=0.25)
-    comm = timed(exchange, device, min_seconds=0.25)
-    together = timed(both, device, min_seconds=0.25)
-    return min(max((compute + comm - together) / min(compute, comm), 0.0), 1.0)
-
-
-def _elementwise(dtype, device) -> LinkFit:
-    samples = []
-    for n in (1 << 16, 1 << 19, 1 << 22):
-        a, b = (
-            torch.randn(n, dtype=dtype, device=device),
-            torch.randn(n, dtype=dtype, device=device),
-        )
-        samples.append((3.0 * n * a.element_size(), timed(lambda a=a, b=b: a + b, device)))
-    return LinkFit.fit(samples)
-
-
-def _collectives(groups, dtype, device) -> dict[str, dict[int, LinkFit]]:
-    def exchange(group, x):
-        ring = RingExchange(group)
-        ring.start(x)
-        return ring.wait()
-
-    ops = {
-        "all_gather": lambda g, x: all_gather_dim0(x, g),
-        "reduce_scatter": lambda g, x: reduce_scatter_dim0(x, g),
-        "all_to_all": lambda g, x: all_to_all(x, g, scatter_dim=0, gather_dim=1),
-        "all_reduce": lambda g, x: all_reduce_(x, g),
-        "p2p": exchange,
-    }
-    fits: dict[str, dict[int, LinkFit]] = {kind: {} for kind in ops}
+def _collectives(groups, dtype, device, spreads: dict[str, float]) -> dict:
+    """kind -> group size -> LinkFit for every collective on every group; each alpha's and
+    beta's spread goes into `spreads` as 'kind/size.alpha' and 'kind/size.beta'."""
+    ops = collective_ops()
+    fits: dict = {kind: {} for kind in ops}
     sizes = [1 << 12, 1 << 16, 1 << 19, 1 << 21]  # elements: 16 KiB to 8 MiB in float32
     if device.type != "cpu":  # up to the size of real weight gathers on GPUs
         sizes += [1 << 24, 1 << 26]
     for group in groups:
-        P = group.size
         for kind, op in ops.items():
-            samples = []
-            for elements in sizes:
-                rows = max(P, elements // 256 // P * P)
-                x = torch.randn(rows, 256, dtype=dtype, device=device)
-                with count_bytes(group) as sent:
-                    op(group, x)
-                samples.append((float(sent.total), timed(partial(op, group, x), device)))
-            fits[kind][P] = LinkFit.fit(samples)
+            fit, reached = measure_link(op, group, sizes, dtype, device)
+            fits[kind][group.size] = fit
+            for term, value in reached.items():
+                spreads[f"{kind}/{group.size}.{term}"] = value
     return fits
 
 
@@ -223,7 +149,10 @@ def _calibration(mesh, shape, dtype, profile: Profile, max_tokens: int) -> None:
     of the strategy in every recompute mode at three sizes (least squares on relative errors).
     The scale is what the kernel and link measurements miss inside a real step: per-op
     dispatch, contention between ranks sharing cores, merges and copies that are not plain
-    bandwidth, imperfect overlap. Fills `profile.calibration` and `calibration_points`."""
+    bandwidth, imperfect overlap. Each round times every step once and fits its own scales;
+    rounds go on until the scales' spread is under the target (at least 3, at most
+    CALIBRATION_ROUNDS), and the scale is fitted on each step's median. Fills
+    `profile.calibration`, `calibration_points` and the scales' spreads."""
     P = mesh.sp
     raw = CostModel(detect(), profile)  # no calibration yet: the analytic times
     weights = LayerWeights.random(shape, P, dtype=dtype, device=mesh.device)
@@ -237,16 +166,30 @@ def _calibration(mesh, shape, dtype, profile: Profile, max_tokens: int) -> None:
         strategy = get_strategy(name)
         if not strategy.supports(shape, P)[0]:
             continue
-        rows = []
+        cases = []  # (lens, step, dy, analytic forward, analytic backward, its times)
         for recompute in RECOMPUTE_MODES:
             for lens, layout, x, dy in points:
                 step = partial(decoder_layer_step, x, weights, layout, mesh.sp_group, strategy,
                                recompute)  # fmt: skip
-                fwd, bwd = step_times(step, dy, repeats=5)
+                step().backward(dy)  # warm-up
                 cost = raw.layer_cost(shape, name, recompute, lens, P, dtype=dtype_name(dtype))
-                rows.append([sum(lens), fwd, bwd, cost.forward_s, cost.backward_s])
-            profile.calibration_points[f"{name}/{recompute}"] = rows[-len(points) :]
+                cases.append((lens, step, dy, cost.forward_s, cost.backward_s, ([], [])))
+
+        def one_round(cases=cases) -> dict[str, float]:
+            for _, step, dy, _, _, times in cases:
+                for phase, seconds in enumerate(_step_once(step, dy)):
+                    times[phase].append(seconds)
+            return {direction: _scale([(c[5][phase][-1], c[3 + phase]) for c in cases])
+                    for phase, direction in enumerate(("forward", "backward"))}  # fmt: skip
+
+        history = settle(one_round, target=profile.spread_target, max_rounds=CALIBRATION_ROUNDS)
+        rows = [[sum(c[0]), median(c[5][0]), median(c[5][1]), c[3], c[4]] for c in cases]
+        for i, recompute in enumerate(RECOMPUTE_MODES):
+            first = i * len(points)
+            profile.calibration_points[f"{name}/{recompute}"] = rows[first : first + len(points)]
         measured[name] = rows
+        for direction, scales in history.items():
+            profile.spread[f"calibration/{name}.{direction}"] = spread(scales)
     for name, rows in measured.items():
         profile.calibration[name] = tuple(
             _scale([(row[1 + phase], row[3 + phase]) for row in rows]) for phase in (0, 1)
@@ -262,40 +205,72 @@ def _scale(pairs: list[tuple[float, float]]) -> float:
     return min(max(k, 0.25), 4.0)
 
 
+def _step_once(step: Callable[[], torch.Tensor], dy) -> tuple[float, float]:
+    """Forward and backward seconds (slowest rank) of one `step()` backpropagated with `dy`."""
+    if dist.is_initialized():
+        dist.barrier()
+    synchronize(dy.device)
+    start = time.perf_counter()
+    y = step()
+    synchronize(dy.device)
+    middle = time.perf_counter()
+    y.backward(dy)
+    synchronize(dy.device)
+    end = time.perf_counter()
+    return slowest(middle - start, dy.device), slowest(end - middle, dy.device)
+
+
 def step_times(step: Callable[[], torch.Tensor], dy, repeats: int = 3) -> tuple[float, float]:
     """Median forward and backward seconds (slowest rank) of `step()` (a layer's forward, the
     output of which is backpropagated with `dy`)."""
-    forward, backward = [], []
     step().backward(dy)  # warm-up
-    for _ in range(repeats):
-        if dist.is_initialized():
-            dist.barrier()
-        synchronize(dy.device)
-        start = time.perf_counter()
-        y = step()
-        synchronize(dy.device)
-        middle = time.perf_counter()
-        y.backward(dy)
-        synchronize(dy.device)
-        end = time.perf_counter()
-        forward.append(_slowest(middle - start, dy.device))
-        backward.append(_slowest(end - middle, dy.device))
-    return statistics.median(forward), statistics.median(backward)
+    forward, backward = zip(*(_step_once(step, dy) for _ in range(repeats)), strict=True)
+    return median(forward), median(backward)
+
+
+def _groups(mesh) -> list:
+    """The sp group and one group of every other size usp factors it into."""
+    groups = [mesh.sp_group] if mesh.sp > 1 else []
+    for u in range(2, mesh.sp // 2 + 1):
+        if mesh.sp % u == 0 and mesh.sp // u >= 2:
+            for g in mesh.sp_group.factor(u):  # one group per size: fits are keyed by size
+                if g.size not in {h.size for h in groups}:
+                    groups.append(g)
+    return groups
+
+
+def _own_cpu_seconds(seconds: float, mesh) -> float:
+    """CPU seconds of this host's ranks: every rank's summed, times the share of ranks here."""
+    if not dist.is_initialized() or mesh.world == 1:
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64, device=mesh.device)
+    dist.all_reduce(t)
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", "") or mesh.world)
+    return float(t) * here / mesh.world
 
 
 def measure_profile(mesh, shape, dtype=torch.float32, max_tokens: int = 8192) -> Profile:
-    """Run every measurement (collective: every rank calls it) and return the profile. Kernel
-    sizes go up to sequences of `max_tokens`; beyond, the rates are extrapolated as constant."""
+    """Run every measurement (collective: every rank calls it) and return the profile, with
+    each coefficient's spread and the conditions it was measured under. Kernel sizes go up to
+    sequences of `max_tokens`; beyond, the rates are extrapolated as constant."""
     device, P = mesh.device, mesh.sp
-    groups = [mesh.sp_group] if P > 1 else []
-    for u in range(2, P // 2 + 1):
-        if P % u == 0 and P // u >= 2:
-            inner, outer = mesh.sp_group.factor(u)
-            for g in (inner, outer):  # one group per size: fits are keyed by size
-                if g.size not in {h.size for h in groups}:
-                    groups.append(g)
-    forward, backward = _attention(shape, P, dtype, device, True, max_tokens)
-    forward_full, backward_full = _attention(shape, P, dtype, device, False, max_tokens)
+    before, cpu_start = conditions_now(), time.process_time()
+    spreads: dict[str, float] = {}
+    forward, backward, (sf, sb) = _attention(shape, P, dtype, device, True, max_tokens)
+    forward_full, backward_full, (sff, sbf) = _attention(shape, P, dtype, device, False,
+                                                         max_tokens)  # fmt: skip
+    matmul, sm = _matmuls(shape, P, dtype, device, max_tokens)
+    curves = {"matmul": sm, "attention_forward": sf, "attention_backward": sb,
+              "attention_forward_full": sff, "attention_backward_full": sbf}  # fmt: skip
+    for name, values in curves.items():
+        spreads[name] = median(values)  # a curve's spread: the median of its points'
+    elementwise, reached = measure_elementwise(dtype, device)
+    spreads.update({f"elementwise.{term}": value for term, value in reached.items()})
+    groups = _groups(mesh)
+    collectives = _collectives(groups, dtype, device, spreads) if groups else {}
+    overlap = 1.0
+    if P > 1:
+        overlap, spreads["overlap"] = measure_overlap(mesh.sp_group, dtype, device)
     profile = Profile(
         machine={
             "device": str(device.type),
@@ -306,18 +281,27 @@ def measure_profile(mesh, shape, dtype=torch.float32, max_tokens: int = 8192) ->
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "shape": [shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.ffn_hidden],
+            "max_tokens": max_tokens,
         },
-        matmul=Curve(_matmuls(shape, P, dtype, device, max_tokens)),
+        matmul=Curve(matmul),
         attention_forward=Curve(forward),
         attention_backward=Curve(backward),
-        elementwise=_elementwise(dtype, device),
-        collectives=_collectives(groups, dtype, device) if groups else {},
+        elementwise=elementwise,
+        collectives=collectives,
         reduce_scatter_copy="gloo" in mesh.backend,
         attention_forward_full=Curve(forward_full),
         attention_backward_full=Curve(backward_full),
-        overlap=_overlap(mesh.sp_group, dtype, device) if P > 1 else 1.0,
+        overlap=overlap,
+        spread=spreads,
+        spread_target=SPREAD_TARGET,
     )
     _calibration(mesh, shape, dtype, profile, max_tokens)
+    own = _own_cpu_seconds(time.process_time() - cpu_start, mesh)
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", "") or mesh.world)
+    profile.conditions = conditions_record(
+        before, conditions_now(), own_cpu_s=own, ranks=mesh.world, ranks_here=here,
+        threads=torch.get_num_threads(), torch_version=torch.__version__,
+    )  # fmt: skip
     return profile
 
 
@@ -357,8 +341,22 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ProfileError) as e:
             fail(p.prog, f"cannot write {args.out}: {e}")
         print(f"wrote {args.out} ({time.perf_counter() - start:.0f} s, {mesh.world} ranks)")
+        print(_spread_line(profile))
+        for line in profile_warnings(profile, args.out):
+            print(line, file=sys.stderr)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _spread_line(profile: Profile) -> str:
+    """How well the coefficients were pinned down, in one line."""
+    spreads = profile.spread
+    worst = max(spreads, key=spreads.get)
+    return (
+        f"spread: median {median(spreads.values()):.1%}, worst {worst} {spreads[worst]:.1%}; "
+        f"{sum(v <= profile.spread_target for v in spreads.values())} of {len(spreads)} "
+        f"coefficients within the {profile.spread_target:.0%} target"
+    )
 
 
 if __name__ == "__main__":

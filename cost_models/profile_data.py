@@ -12,10 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Profile", "ProfileError", "Curve", "LinkFit", "SCHEMA", "VERSION"]
+__all__ = ["Profile", "ProfileError", "Curve", "LinkFit", "SCHEMA", "VERSION", "SPREAD_TARGET"]
 
 SCHEMA = "paradyse.cost_profile"
-VERSION = 1
+VERSION = 2
+"""2 added the conditions of the measurement and each coefficient's spread."""
+READABLE = (1, 2)
+"""Versions this ParaDySe reads (a version-1 file has no conditions and no spreads)."""
+SPREAD_TARGET = 0.10
+"""A coefficient is pinned down when its spread (IQR / median of its rounds) is at most this."""
 
 
 class ProfileError(ValueError):
@@ -135,6 +140,15 @@ class Profile:
     overlap: float = 1.0
     """Fraction of the shorter of compute and point-to-point traffic hidden under the other when
     both are in flight (1 on GPUs with copy engines; less where communication takes CPU)."""
+    conditions: dict = field(default_factory=dict)
+    """What the machine was doing while it was measured (`cost_models.stability.
+    conditions_record`): load averages, other processes' cores, threads, CPU count, host, time;
+    empty for a version-1 profile."""
+    spread: dict[str, float] = field(default_factory=dict)
+    """Coefficient name -> the spread its measurement reached (IQR / median of its rounds; the
+    overlap's is absolute), e.g. 'p2p/4.alpha', 'matmul', 'calibration/ring.forward'."""
+    spread_target: float = SPREAD_TARGET
+    """The spread the profiler aimed for; coefficients above it were not pinned down."""
 
     def problem(self) -> str | None:
         """Why these coefficients cannot be used, or None."""
@@ -203,16 +217,19 @@ class Profile:
             "attention_forward_full": _listed(self.attention_forward_full),
             "attention_backward_full": _listed(self.attention_backward_full),
             "overlap": self.overlap,
+            "conditions": self.conditions,
+            "spread": self.spread,
+            "spread_target": self.spread_target,
         }
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "profile") -> Profile:
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             raise ProfileError(f"{source} is not a ParaDySe cost profile (no schema {SCHEMA!r})")
-        if data.get("version") != VERSION:
+        if data.get("version") not in READABLE:
             raise ProfileError(
                 f"{source} has schema version {data.get('version')!r}, this ParaDySe reads "
-                f"version {VERSION}; run python -m cost_models.profile again"
+                f"versions {', '.join(map(str, READABLE))}; run python -m cost_models.profile again"
             )
         try:
             collectives = {
@@ -234,6 +251,9 @@ class Profile:
                 attention_forward_full=_curve(data.get("attention_forward_full")),
                 attention_backward_full=_curve(data.get("attention_backward_full")),
                 overlap=float(data.get("overlap", 1.0)),
+                conditions=dict(data.get("conditions") or {}),
+                spread={k: float(v) for k, v in (data.get("spread") or {}).items()},
+                spread_target=float(data.get("spread_target", SPREAD_TARGET)),
             )
         except ProfileError as e:
             raise ProfileError(

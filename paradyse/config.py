@@ -129,6 +129,10 @@ class ParallelConfig:
     profile: str = ""
     """Cost-model profile JSON ('' = datasheet rates). {sp}, {dtype} and {device} are filled
     in; a missing file is measured on this machine first and written there."""
+    profile_check: float = 1.5
+    """A cached profile is checked at start-up against a few quick measurements; a coefficient
+    off by more than this factor (measured / profiled, either way) is a warning with the
+    command that re-measures it. 0 turns the check off."""
     group_size: int = 0
     """0: adaptive chooses per micro-batch whether the sp group runs as sub-groups of g ranks
     (g dividing sp), each on its own sequences; g: every micro-batch with at least sp/g
@@ -148,6 +152,11 @@ class ParallelConfig:
             if not ok:
                 value = getattr(self, key)
                 raise ValueError(f"parallel.{key} must be {allowed}; got {value!r}")
+        if not (self.profile_check == 0 or self.profile_check > 1):
+            raise ValueError(
+                f"parallel.profile_check must be 0 (no check) or a factor above 1, e.g. 1.5; "
+                f"got {self.profile_check!r}"
+            )
         if self.group_size and self.strategy != "adaptive":
             raise ValueError(
                 f"parallel.group_size={self.group_size} needs --strategy adaptive (a static "

@@ -11,6 +11,8 @@ from pathlib import Path
 from cost_models import Hardware, Profile, ProfileError
 from cost_models.counts import dtype_name
 from cost_models.profile import measure_profile
+from cost_models.profile_check import startup_check
+from cost_models.stability import CHECK_THRESHOLD, profile_warnings
 from parallel_lib import Mesh, get_strategy, rank0_value
 from planners import Method, Option, PlanningSetup
 
@@ -73,11 +75,15 @@ def exact_setup(setup: PlanningSetup) -> PlanningSetup:
 
 
 def resolve_profile(template: str, mesh: Mesh, shape, dtype, *, max_tokens: int = 8192,
-                    log=print, warn=print) -> Profile | None:  # fmt: skip
+                    log=print, warn=print,
+                    check: float = CHECK_THRESHOLD) -> Profile | None:  # fmt: skip
     """The cost-model profile at `template` ({sp}, {dtype} and {device} filled in; '' = None):
     rank 0 reads it, or measures this machine (collective) and writes it there when missing,
-    and every rank gets rank 0's numbers, so the ranks of an sp group plan alike. ValueError,
-    one line, for a bad template, an unusable file or a folder that cannot be created."""
+    and every rank gets rank 0's numbers, so the ranks of an sp group plan alike. A profile
+    read from the file is checked against this machine (`cost_models.profile_check`; `check`:
+    the measured / profiled ratio beyond which it warns, 0 = no check); a measured one warns
+    when the machine was busy or a coefficient would not settle. ValueError, one line, for a
+    bad template, an unusable file or a folder that cannot be created."""
     if not template:
         return None
     name = dtype_name(dtype)
@@ -93,7 +99,12 @@ def resolve_profile(template: str, mesh: Mesh, shape, dtype, *, max_tokens: int 
     if "error" in found:
         raise ValueError(found["error"])
     if "profile" in found:
-        return Profile.from_dict(found["profile"], source=str(path))
+        profile = Profile.from_dict(found["profile"], source=str(path))
+        line = startup_check(mesh, profile, shape, dtype, path=path, max_tokens=max_tokens,
+                             threshold=check)  # fmt: skip
+        if line and mesh.rank == 0:
+            warn(line)
+        return profile
     if mesh.rank == 0:
         log(f"no cost-model profile at {path}: measuring this machine (sp={mesh.sp})")
     start = time.perf_counter()
@@ -104,6 +115,8 @@ def resolve_profile(template: str, mesh: Mesh, shape, dtype, *, max_tokens: int 
             log(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
         except (OSError, ProfileError) as error:
             warn(f"warning: could not write the profile to {path}: {error}")
+        for line in profile_warnings(profile, str(path)):
+            warn(line)
     return Profile.from_dict(rank0_value(profile.to_dict(), mesh.device), source=str(path))
 
 

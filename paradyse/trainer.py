@@ -171,7 +171,8 @@ class Trainer:
         try:
             return resolve_profile(self.config.parallel.profile, self.mesh, self.config.model.shape,
                                    self.dtype, max_tokens=max_tokens, log=self.log,
-                                   warn=self.warn)  # fmt: skip
+                                   warn=self.warn,
+                                   check=self.config.parallel.profile_check)  # fmt: skip
         except ValueError as error:
             raise RunError(str(error)) from None
 

@@ -1,8 +1,9 @@
 """The direction of imports (DESIGN 2), read from the source with `ast`, not by importing it:
 `paradyse -> planners -> cost_models`, `paradyse -> parallel_lib`, `integrations -> paradyse`;
 nothing below `paradyse` imports it; `planners` and `cost_models` import no torch at package
-import (only the cost-model profiler and validator touch torch and parallel_lib); nothing imports
-`integrations` except through configuration (importlib); no circles."""
+import (only the cost-model profiler, its timing and start-up check, and the validator touch
+torch and parallel_lib); nothing imports `integrations` except through configuration
+(importlib); no circles."""
 
 from __future__ import annotations
 
@@ -22,8 +23,14 @@ MAY_IMPORT = {
     "paradyse": {"parallel_lib", "cost_models", "planners"},
     "integrations": {"paradyse", "parallel_lib", "cost_models", "planners"},
 }
-MEASURING = {"cost_models.profile", "cost_models.validate"}
-"""The two modules of cost_models that may import torch and parallel_lib."""
+MEASURING = {
+    "cost_models.profile",
+    "cost_models.profile_check",
+    "cost_models.profile_groups",
+    "cost_models.timing",
+    "cost_models.validate",
+}
+"""The modules of cost_models that measure this machine: they may import torch and parallel_lib."""
 PURE = ("cost_models", "planners")
 
 
