@@ -49,6 +49,15 @@ def group_case() -> None:
     P = mesh.sp
     case = Case(uneven_lengths(P) + [3, 2 * P + 1, 9], seed=30 + P, layers=1)
     out, dx, grads = case.reference()
+    shared = case.layers(mesh, torch.float32)[0]  # one layer through every group size in turn
+    stored = {n: p.data_ptr() for n, p in shared.named_parameters()}
+    for g in [d for d in range(1, P + 1) if P % d == 0] * 2:
+        batch = _sub_case(case, mesh, g)[0] if g < P else case.batch(mesh)
+        x = torch.randn(batch.local_tokens, SHAPE.hidden, requires_grad=True)
+        shared.set_option("local" if g == 1 else "tp_sp", "full", group_size=g)
+        shared(x, batch).sum().backward()
+        now = {n: p.data_ptr() for n, p in shared.named_parameters()}
+        assert now == stored, f"g={g}: a parameter moved switching group sizes"
     for g in [d for d in range(1, P) if P % d == 0]:
         batch, mine = _sub_case(case, mesh, g)
         real = batch.real_mask()
