@@ -334,16 +334,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def bench_mesh(mesh, log):
+    """A benchmark's start (collective): one torch thread, the given mesh or a new one (and
+    whether it is the benchmark's own, to destroy at the end), and `say`, `log` (default:
+    print) on rank 0 and silent elsewhere."""
+    torch.set_num_threads(1)
+    own_mesh = mesh is None
+    mesh = mesh or paradyse.init_mesh()
+    log = log or (lambda line: print(line, flush=True))
+    return own_mesh, mesh, (log if mesh.rank == 0 else (lambda line: None))
+
+
 def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
     """Run the benchmark (collective); rank 0 prints. Returns the summary with the report lines
     (`lines`, the headline last) on every rank."""
     args = parse_args(argv)
-    torch.set_num_threads(1)
-    own_mesh = mesh is None
-    mesh = mesh or paradyse.init_mesh()
+    own_mesh, mesh, say = bench_mesh(mesh, log)
     rank0 = mesh.rank == 0
-    log = log or (lambda line: print(line, flush=True))
-    say = log if rank0 else (lambda line: None)
     try:  # the budget is the run's parallel.memory_budget, parsed by the config
         config = paradyse.load_config(
             args.config, [*args.set, f"parallel.memory_budget={args.memory_budget}"]

@@ -60,7 +60,7 @@ if not __package__:  # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import paradyse  # noqa: E402
-from benchmarks.adaptive_vs_static import corpus_windows  # noqa: E402
+from benchmarks.adaptive_vs_static import bench_mesh, corpus_windows  # noqa: E402
 from benchmarks.peer_models import (  # noqa: E402
     Fsdp2Peer,
     SinglePeer,
@@ -291,12 +291,8 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
     """Run the benchmark (collective); rank 0 prints. Returns the summary (`lines`, the
     headline last) on every rank."""
     args = parse_args(argv)
-    torch.set_num_threads(1)
-    own_mesh = mesh is None
-    mesh = mesh or paradyse.init_mesh()
+    own_mesh, mesh, say = bench_mesh(mesh, log)
     rank0 = mesh.rank == 0
-    log = log or (lambda line: print(line, flush=True))
-    say = log if rank0 else (lambda line: None)
     try:
         config = paradyse.load_config(args.config, args.base_sets)
         names, lengths = validate(args, config, mesh.world)
