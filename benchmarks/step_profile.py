@@ -8,7 +8,8 @@ the real `paradyse.Engine` with a static planner (`static:OPTION` on every layer
 ring, usp, metp on the whole group, g1:local or g2:tp_sp on sub-groups). Per (tokens, option):
 a micro-batch of --sequences random sequences of that many tokens (default one per rank), run
 --warmup optimizer steps, then --steps steps timed without the profiler (the `step` line: the
-median of `Engine.step` wall time on the slowest rank) and --steps steps under
+median of `Engine.step` wall time on the slowest rank, and the CPU time its process used, which
+a busy machine inflates less than the wall time) and --steps steps under
 `torch.profiler` (CPU activities), whose events are sorted into the rows below, each the median
 over the profiled steps on the slowest rank (the rank with the largest median profiled step):
 
@@ -16,14 +17,18 @@ over the profiled steps on the slowest rank (the rank with the largest median pr
   backward); elementwise: every other aten op outside a collective or the optimizer (norms,
   RoPE, SwiGLU, the loss, zeroing);
 - copies: copy_, cat, stack, index_select, clone, contiguous and the like;
-- all_gather, reduce_scatter, all_to_all, all_reduce, p2p, barrier, broadcast: the
-  torch.distributed calls (the benchmark wraps each in a `collective:KIND` range that includes
-  its wait; a p2p range is the wait of a batched send/receive), with their calls per step;
+- all_gather, reduce_scatter, all_to_all, all_reduce, p2p, barrier, broadcast: the collectives,
+  with their calls per step, by what they are whatever gloo algorithm runs them (the benchmark
+  wraps parallel_lib's helpers and direct torch.distributed calls in `collective:KIND` ranges,
+  waits included; p2p: a ring exchange, posted and waited for);
 - optimizer: `Engine._update` apart from its collectives (gradient norms, clipping, AdamW);
 - python and other: the rest of the step (Python, autograd bookkeeping, profiler gaps).
 
 The profiler adds overhead to every op, so the profiled total exceeds the `step` line; the rows
 are shares of the profiled step. The last line of each table says where most time goes.
+`--json PATH` also writes the numbers. `--collectives REPEATS` instead times each collective over
+the sp group on gloo's own algorithm and on the one-round all-to-all form `parallel_lib.comm`
+picks by size (what its thresholds were set from).
 """
 
 from __future__ import annotations
@@ -204,12 +209,13 @@ def measure(config, mesh, option: str, tokens: int, sequences: int, args) -> dic
     for _ in range(args.warmup):
         result = engine.step([batch], loss_tokens)
     plan = str(result.micro_batches[0].plan)
-    walls = []
+    walls, cpus = [], []
     for _ in range(args.steps):
         dist.barrier()  # every rank starts the step together: the step's own barrier is latency
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         engine.step([batch], loss_tokens)
         walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
     rows: dict[str, list[float]] = {r: [] for r in ROWS}
     calls: Counter = Counter()
     totals = []
@@ -229,6 +235,7 @@ def measure(config, mesh, option: str, tokens: int, sequences: int, args) -> dic
     return {
         "plan": plan,
         "step_ms": statistics.median(walls) * 1e3,
+        "cpu_ms": statistics.median(cpus) * 1e3,
         "profiled_ms": statistics.median(totals),
         "rows": {r: statistics.median(v) for r, v in rows.items()},
         "calls": dict(calls),
@@ -239,7 +246,8 @@ def table(tokens: int, sequences: int, option: str, found: dict, rank: int) -> l
     rows, total = found["rows"], sum(found["rows"].values())
     lines = [
         f"tokens={tokens} x {sequences} sequences, option {option} ({found['plan']}), rank {rank}: "
-        f"step {found['step_ms']:.1f} ms (no profiler), profiled {found['profiled_ms']:.1f} ms",
+        f"step {found['step_ms']:.1f} ms (no profiler; CPU time {found['cpu_ms']:.1f} ms), "
+        f"profiled {found['profiled_ms']:.1f} ms",
         "| row | ms | % | calls |",
         "|---|---:|---:|---:|",
     ]
@@ -258,6 +266,36 @@ def table(tokens: int, sequences: int, option: str, found: dict, rank: int) -> l
     return lines
 
 
+def collective_table(mesh, repeats: int) -> list[str]:
+    """gloo's own algorithm against the one-round all-to-all form (`parallel_lib.comm`) of each
+    collective over the sp group, by size: medians of interleaved calls on the slowest rank."""
+    group, direct = mesh.sp_group, comm._direct
+    cases = [("all_gather", n) for n in (16, 64, 256, 1024, 4096)]
+    cases += [("reduce_scatter", n) for n in (16, 256, 1024, 4096, 16384)]
+    cases += [("all_reduce", n) for n in (1, 16, 64, 256)]
+    run = {"all_gather": lambda x: comm.all_gather_dim0(x[: x.numel() // group.size], group),
+           "reduce_scatter": lambda x: comm.reduce_scatter_dim0(x, group),
+           "all_reduce": lambda x: comm.all_reduce_(x, group)}  # fmt: skip
+    lines = ["| collective | KiB (output / input) | gloo ms | all-to-all ms | gloo / all-to-all |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for kind, kib in cases:
+        x = torch.randn(kib * 256)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(repeats):
+            for use in (i % 2 == 0, i % 2 == 1):
+                comm._direct = direct if use else (lambda *a: False)
+                dist.barrier()
+                start = time.perf_counter()
+                run[kind](x)
+                times[use].append(time.perf_counter() - start)
+        comm._direct = direct
+        worst = torch.tensor([statistics.median(times[u]) * 1e3 for u in (False, True)])
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        native, one = worst.tolist()
+        lines.append(f"| {kind} | {kib} | {native:.2f} | {one:.2f} | {native / one:.2f} |")
+    return lines
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", default="64,4096", help="sequence lengths (default 64,4096)")
@@ -268,6 +306,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed and profiled steps (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write every table's numbers there")
+    p.add_argument("--collectives", type=int, default=0, metavar="REPEATS",
+                   help="instead: gloo's algorithms against all-to-all, by size")  # fmt: skip
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return p.parse_args(argv)
@@ -307,7 +347,12 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
     torch.set_num_threads(1)
     mesh = paradyse.init_mesh()
-    lines, records = run(args, mesh)
+    if args.collectives:
+        lines, records = collective_table(mesh, args.collectives), []
+        for line in lines if mesh.rank == 0 else ():
+            print(line, flush=True)
+    else:
+        lines, records = run(args, mesh)
     if args.json and mesh.rank == 0:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
