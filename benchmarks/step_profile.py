@@ -268,11 +268,14 @@ def table(tokens: int, sequences: int, option: str, found: dict, rank: int) -> l
 
 def collective_table(mesh, repeats: int) -> list[str]:
     """gloo's own algorithm against the one-round all-to-all form (`parallel_lib.comm`) of each
-    collective over the sp group, by size: medians of interleaved calls on the slowest rank."""
+    collective over the sp group, by size (the all-to-all form at every size, whatever the
+    thresholds choose): medians of interleaved calls on the slowest rank."""
     group, direct = mesh.sp_group, comm._direct
-    cases = [("all_gather", n) for n in (16, 64, 256, 1024, 4096)]
+    limits = comm.DIRECT_GATHER_BYTES, comm.DIRECT_REDUCE_BYTES
+    comm.DIRECT_GATHER_BYTES = comm.DIRECT_REDUCE_BYTES = 1 << 40
+    cases = [("all_gather", n) for n in (16, 64, 256, 1024, 4096, 16384)]
     cases += [("reduce_scatter", n) for n in (16, 256, 1024, 4096, 16384)]
-    cases += [("all_reduce", n) for n in (1, 16, 64, 256)]
+    cases += [("all_reduce", n) for n in (1, 16, 64, 256, 1024)]
     run = {"all_gather": lambda x: comm.all_gather_dim0(x[: x.numel() // group.size], group),
            "reduce_scatter": lambda x: comm.reduce_scatter_dim0(x, group),
            "all_reduce": lambda x: comm.all_reduce_(x, group)}  # fmt: skip
@@ -293,6 +296,7 @@ def collective_table(mesh, repeats: int) -> list[str]:
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         native, one = worst.tolist()
         lines.append(f"| {kind} | {kib} | {native:.2f} | {one:.2f} | {native / one:.2f} |")
+    comm.DIRECT_GATHER_BYTES, comm.DIRECT_REDUCE_BYTES = limits
     return lines
 
 

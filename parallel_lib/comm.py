@@ -42,21 +42,24 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 # was measured faster (benchmarks/step_profile.py; docs/benchmarks.md, "Lean steps"): a
 # reduce-scatter always (an all-to-all of the input, then each rank sums its P blocks, in rank
 # order), an all-gather up to DIRECT_GATHER_BYTES of output (each rank sends its rows to all),
-# and an all-reduce up to DIRECT_REDUCE_BYTES (gathered, then summed in rank order: the same
+# and an all-reduce up to DIRECT_REDUCE_BYTES (so gathered, then summed in rank order: the same
 # bits on every rank). Byte counts follow the same convention either way; nccl is unchanged.
 DIRECT_GATHER_BYTES = 256 << 10
-DIRECT_REDUCE_BYTES = 64 << 10
+DIRECT_REDUCE_BYTES = 256 << 10
 
 
 def _direct(x: Tensor, group: CommGroup) -> bool:
-    """Whether the collective runs as gloo's one-round all-to-all (see above)."""
+    """Whether the collective may run as gloo's one-round all-to-all (see above)."""
     return x.device.type == "cpu" and group.backend == "gloo"
 
 
-def _gather_into(out: Tensor, x: Tensor, group: CommGroup) -> None:
-    """out (P*N, ...) = every rank's contiguous x (N, ...), rank-major; no byte counting."""
+def _gather_into(out: Tensor, x: Tensor, group: CommGroup, direct: bool | None = None) -> None:
+    """out (P*N, ...) = every rank's contiguous x (N, ...), rank-major; no byte counting.
+    `direct`: the all-to-all form (default: where it was measured faster)."""
     P = group.size
-    if _direct(x, group) and _nbytes(out) <= DIRECT_GATHER_BYTES:
+    if direct is None:
+        direct = _direct(x, group) and _nbytes(out) <= DIRECT_GATHER_BYTES
+    if direct:
         dist.all_to_all(list(out.chunk(P)), [x] * P, group=group.pg)
     else:
         _all_gather_single(out, x, group=group.pg)
@@ -142,7 +145,7 @@ def all_reduce_(x: Tensor, group: CommGroup, op: str = "sum") -> Tensor:
     group.monitor.record("all_reduce", 2 * (P - 1) * _nbytes(x) // P)
     if _direct(x, group) and _nbytes(x) <= DIRECT_REDUCE_BYTES:
         every = x.new_empty((P, x.numel()))
-        _gather_into(every, x.reshape(1, -1).contiguous(), group)
+        _gather_into(every, x.reshape(1, -1).contiguous(), group, direct=True)
         x.copy_((every.sum(0) if op == "sum" else every.amax(0)).view_as(x))
         return x
     reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
