@@ -16,8 +16,8 @@ assembled from its vocabulary shards, computed `chunk` tokens at a time:
 
 So the peak holds one chunk's logits and log-softmax (2 x chunk x V x 4 bytes, what
 `cost_models.logits_bytes(tokens, vocab, sp, chunk)` counts) instead of three (T/P, V) float32
-buffers, and the head weight is gathered once per micro-batch, as by `VocabParallelHead.forward`. The
-price is one more head matmul (the recomputed logits).
+buffers, and the head weight is gathered once per micro-batch, as by
+`VocabParallelHead.forward`. The price is one more head matmul (the recomputed logits).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def _log_softmax(h: Tensor, weight: Tensor) -> Tensor:
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     """forward: all-gather the weight shards, per chunk logits -> summed cross-entropy (logits
-    freed), the gathered weight kept; backward: per chunk recomputed logits -> their gradient -> input
-    rows and weight gradient, reduce-scatter of the weight gradient along dim 0."""
+    freed), the gathered weight kept; backward: per chunk recomputed logits -> their gradient ->
+    input rows and weight gradient, reduce-scatter of the weight gradient along dim 0."""
 
     @staticmethod
     def forward(ctx, h, shard, labels, group, chunk):
