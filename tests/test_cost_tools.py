@@ -109,6 +109,7 @@ def _profile_and_validate(out: str) -> tuple[list, dict]:
     from cost_models.hardware import detect
     from cost_models.profile import measure_profile
     from cost_models.validate import summary, validate
+    from cost_models.validate_groups import validate_sub_groups
 
     mesh = mesh_for()
     profile = measure_profile(mesh, SHAPE, max_tokens=64)
@@ -117,7 +118,12 @@ def _profile_and_validate(out: str) -> tuple[list, dict]:
     check = _start_up_check(profile, str(Path(out).parent))
     model = CostModel(detect(), profile)
     cells = validate(mesh, SHAPE, model, ["tp_sp", "ring"], ["none", "full"], [48], 2, repeats=1)
-    return [(c.measured_s, c.predicted_s, c.measured_bytes, c.predicted_bytes) for c in cells], {
+    cells += validate_sub_groups(mesh, SHAPE, model, ["local", "tp_sp", "ring"], ["none", "full"],
+                                 [48], 2, [1], repeats=1)  # fmt: skip
+    return [
+        (c.strategy, c.measured_s, c.predicted_s, c.measured_bytes, c.predicted_bytes)
+        for c in cells
+    ], {  # fmt: skip
         "summary": summary(cells),
         "groups": sorted(profile.collectives["all_gather"]),
         "check": check,
@@ -127,10 +133,13 @@ def _profile_and_validate(out: str) -> tuple[list, dict]:
 def test_profile_then_validate_on_two_ranks(tmp_path) -> None:
     out = tmp_path / "profile.json"
     cells, info = run_distributed(2, _profile_and_validate, str(out), timeout=300)[0]
-    assert len(cells) == 4
-    for measured_s, predicted_s, measured_bytes, predicted_bytes in cells:
+    # g = 1 on 2 ranks offers local alone: each rank its own sequence, the weights gathered
+    assert [c[0] for c in cells] == ["tp_sp"] * 2 + ["ring"] * 2 + ["g1:local"] * 2
+    for name, measured_s, predicted_s, measured_bytes, predicted_bytes in cells:
         assert measured_s > 0 and predicted_s > 0
         assert measured_bytes > 0 and predicted_bytes > 0
+        # MemTracker against the memory model (sub-groups measured 13% apart at this size)
+        assert abs(predicted_bytes - measured_bytes) <= 0.2 * measured_bytes, name
     assert SUMMARY.match(info["summary"]), info["summary"]
     assert info["groups"] == [2]
     profile = Profile.load(out)  # the written file is a valid, current profile
@@ -175,6 +184,7 @@ def test_validate_refuses_bad_arguments_in_one_line(tmp_path) -> None:
     _one_line_error(_run(validate, "--tokens", "1", "--sequences", "2"), "--sequences 2")
     _one_line_error(_run(validate, "--heads", "0"), "--heads")
     _one_line_error(_run(validate, "--strategies", "sideways"), "sideways")
+    _one_line_error(_run(validate, "--group-sizes", "3"), "--group-sizes [3] do not divide sp=1")
     _one_line_error(_run("cost_models.profile", "--out", str(tmp_path)), "is a folder")
 
 
