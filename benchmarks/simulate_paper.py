@@ -21,7 +21,6 @@ import math
 from cost_models import get_preset, logits_bytes
 from cost_models.counts import layer_counts, pad_length
 from cost_models.layer_dims import layer_dims, mlp_saved, saved_bytes
-from cost_models.model import DATASHEET_EFFICIENCY
 from paradyse.lengths import LENGTH_DISTRIBUTIONS, sample_lengths
 from planners import InfeasibleError, Method, PlanningSetup, config_supports, format_bytes
 from planners.breakdown import longest_with_breakdown
@@ -137,9 +136,8 @@ def our_terms(setup: PlanningSetup, option, n: int) -> dict[str, float]:
 def attention_share(setup: PlanningSetup, strategy: str, n: int) -> float:
     """Of a layer's time at n tokens (no recompute), the share its attention kernels take."""
     counts = layer_counts(setup.shape, strategy, [n], setup.sp, dtype=setup.dtype)
-    peak = setup.hardware.flops(setup.dtype)
     seconds = sum(
-        k.count * k.flops / (peak * DATASHEET_EFFICIENCY[f"attention_{d}"])
+        setup.costs.model.kernel_seconds(k, d, setup.dtype)
         for d, kernels in (("forward", counts.kernels_forward),
                            ("backward", counts.kernels_backward))
         for k in kernels if k.kind == "attention"

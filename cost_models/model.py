@@ -63,7 +63,8 @@ class CostModel:
         self.hardware, self.profile = hardware, profile
 
     # ------------------------------------------------------------------ rates
-    def _kernel_seconds(self, k: Kernel, direction: str, dtype) -> float:
+    def kernel_seconds(self, k: Kernel, direction: str, dtype) -> float:
+        """Seconds of `k.count` calls of one kernel ('forward' or 'backward' curves)."""
         if self.profile is not None:
             if k.kind == "matmul":
                 curve = self.profile.matmul
@@ -183,9 +184,9 @@ class CostModel:
             if direction == "backward":  # recomputation runs forward kernels
                 priced += [(k, "forward") for k in counts.kernels_recomputed]
             attention = sum(
-                self._kernel_seconds(k, d, dtype) for k, d in priced if k.kind == "attention"
+                self.kernel_seconds(k, d, dtype) for k, d in priced if k.kind == "attention"
             )
-            matmul = sum(self._kernel_seconds(k, d, dtype) for k, d in priced if k.kind == "matmul")
+            matmul = sum(self.kernel_seconds(k, d, dtype) for k, d in priced if k.kind == "matmul")
             other = self._elementwise_seconds(elementwise)
             comm = self._traffic_seconds(*traffic, sizes, P, nodes_spanned)
             p2p = comm.pop("p2p", 0.0)
