@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--mode", choices=("project", "paper"), default="project",
                    help="project: this project's what-if (default); paper: the paper's own "
-                        "definitions")  # fmt: skip
+                        "definitions (its models; --models and --no-cluster are "
+                        "project mode's)")  # fmt: skip
     p.add_argument("--sequences", type=int, default=2000, help="sequences per data set")
     p.add_argument("--seed", type=int, default=0, help="seed of the length samples")
     p.add_argument("--hardware", default="a100-80g-nvlink", help="hardware preset")
