@@ -161,7 +161,9 @@ def layer_dims(
 def attention_saved(m: LayerDims) -> int:
     N, e = m.tokens_attended, m.e
     q, kv = N * m.q_width, N * m.kv_width  # elements of Q and of K (or V)
-    saved = m.norm_saved + 2 * N * m.d * e  # RoPE cos and sin for Q and for K
+    # RoPE's cos and sin tables are the micro-batch's, made once for every layer (the layout's
+    # `rotary`): (N, d) per micro-batch, a few token-wide columns like the vectors left out
+    saved = m.norm_saved
     if e != 4:  # the norm keeps a float32 copy; the input is counted too (the layer's own)
         saved += m.tl * m.H * e
     if m.qkv_copied:

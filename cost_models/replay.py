@@ -126,8 +126,7 @@ class Replay:
             t.temp(2 * y)
             t.alloc(y)
             t.free(y)
-        tables = self.keep(2 * N * m.d * e)
-        reordered = m.reordered
+        reordered = m.reordered  # (RoPE's tables are the micro-batch's: `attention_saved`)
         rotated = t.alloc(q + kv)
         t.temp(q)  # RoPE's products
         # the projection output y is a local of the strategy's attention: it lives until the out
@@ -135,16 +134,16 @@ class Replay:
         if reordered:
             self.keep(q + 2 * kv)
             t.free(rotated)
-            kept = tables + q + 2 * kv
+            kept = q + 2 * kv
         elif m.qkv_copied:  # V copied out of the projection output
             self.keep(kv)
             if not self.saving:
                 self.pending.append(rotated)
-            kept = tables + rotated + kv
+            kept = rotated + kv
         else:
             if not self.saving:
                 self.pending.append(rotated + y)
-            kept = tables + rotated + y
+            kept = rotated + y
         if m.ring:  # ring: sums, K/V stack and receive buffer
             groups = m.head_groups
             acc = q * m.a // e // groups

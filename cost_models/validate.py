@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 -m cost_models.validate \\
         [--profile profile.json] [--tokens 256,1024,4096,8192] [--strategies all] \\
         [--recompute none,selective,full] [--weights trainable,frozen] [--sequences 2] \\
-        [--moe E,K,F_E[,F_S] [--moe-aux-loss 0.01]]
+        [--moe E,K,F_E[,F_S] [--moe-aux-loss 0.01]] [--group-sizes 1,2,4]
 
 For every strategy the group supports x recompute mode x token count x weights (trainable, or
 frozen: no weight gradients): one decoder layer's forward + backward on a packed micro-batch
@@ -14,7 +14,10 @@ CUDA), beside the model's prediction. Without `--profile` the machine is profile
 `python -m cost_models.profile` does). `--moe` validates a mixture-of-experts layer instead of
 the dense one (E experts, top-K routing from a random router, experts of SwiGLU width F_E, shared
 experts of width F_S): its prediction uses the routing the step measured (the pairs each rank
-sent to each expert), its measured peak is the ranks' largest. With both kinds of weights, a
+sent to each expert), its measured peak is the ranks' largest. `--group-sizes` adds, for each g
+below P, the micro-batch dealt to P/g sub-groups of g ranks that each run a strategy at P = g on
+their sequences (rows 'gN:STRATEGY', `cost_models.validate_groups`), as the planner may choose per
+micro-batch; P itself is the whole group (the plain rows). With both kinds of weights, a
 summary line per kind comes first; the last line is exactly:
     time error: median X% worst Y% | memory error: median Z% worst W%
 """
@@ -23,15 +26,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import statistics
 import time
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
-from torch.distributed._tools.mem_tracker import MemTracker
 
 from parallel_lib import (
     LayerWeights,
@@ -52,73 +52,13 @@ from .model import CostModel
 from .moe_costs import MoeLoads
 from .profile import measure_profile, step_times
 from .profile_data import Profile
+from .validate_cells import Cell, batch_lengths, largest, measured_peak, predicted_peak
+from .validate_groups import validate_sub_groups
 
 __all__ = ["Cell", "validate", "batch_lengths", "main"]
 
 MiB = 1 << 20
 WEIGHTS = ("trainable", "frozen")
-
-
-@dataclass
-class Cell:
-    strategy: str
-    recompute: str
-    tokens: int
-    measured_s: float
-    predicted_s: float
-    measured_bytes: int
-    predicted_bytes: int
-    trainable: bool = True
-    """False: a frozen layer (its weights get no gradient)."""
-
-    @property
-    def time_error(self) -> float:
-        return abs(self.predicted_s - self.measured_s) / self.measured_s
-
-    @property
-    def memory_error(self) -> float:
-        return abs(self.predicted_bytes - self.measured_bytes) / self.measured_bytes
-
-
-def batch_lengths(tokens: int, sequences: int) -> list[int]:
-    """Uneven lengths summing to `tokens`: sequence i gets a share proportional to i + 1."""
-    weights = list(range(1, sequences + 1))
-    lens = [max(1, tokens * w // sum(weights)) for w in weights]
-    lens[-1] += tokens - sum(lens)
-    return lens
-
-
-def measured_peak(step, weights: LayerWeights, x, dy, device) -> int:
-    """Peak bytes over one step, with the gradients already allocated (steady state), counting
-    the weights, their gradients, x and dy: torch.cuda.max_memory_allocated on CUDA, MemTracker's
-    peak elsewhere (DESIGN 6)."""
-    step().backward(dy)
-    gc.collect()
-    if device.type == "cuda":
-        held = sum(t.numel() * t.element_size() for t in (*weights.tensors(), x, dy))
-        held += sum(t.grad.numel() * t.grad.element_size() for t in _with_grads(weights))
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step().backward(dy)
-        return torch.cuda.max_memory_allocated(device) - before + held
-    tracker = MemTracker()
-    tracker.track_external(*weights.tensors(), *(t.grad for t in _with_grads(weights)), x, dy)
-    with tracker:
-        step().backward(dy)
-    return tracker.get_tracker_snapshot("peak")[device]["Total"]
-
-
-def _with_grads(weights: LayerWeights) -> list:
-    return [t for t in weights.tensors() if t.grad is not None]
-
-
-def predicted_peak(cost, weights: LayerWeights, x) -> int:
-    """Weights, their gradients (none when frozen), the input and its gradient, plus the
-    layer's worst moment."""
-    held = sum(t.numel() * t.element_size() for t in weights.tensors())
-    grads = sum(t.numel() * t.element_size() for t in weights.tensors() if t.requires_grad)
-    io = 2 * x.numel() * x.element_size()
-    return held + grads + io + max(cost.forward_peak_bytes, cost.backward_peak_bytes)
 
 
 def _moe_weights(weights: LayerWeights, layout: ZigzagLayout, lens: list[int]) -> LayerWeights:
@@ -143,15 +83,6 @@ def _moe_loads(step, weights: LayerWeights, dy, group) -> MoeLoads:
     y.backward(dy)
     load = recorder.load[0].to(dy.device)[None]  # (1, E) float64
     return MoeLoads([[int(v) for v in row] for row in all_gather_dim0(load, group).tolist()])
-
-
-def _largest(value: int, device) -> int:
-    """The largest value over the ranks (a MoE layer's peak depends on its rank's routing)."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 def validate(mesh, shape, model: CostModel, strategies, recomputes, token_counts, sequences,
@@ -188,7 +119,7 @@ def validate(mesh, shape, model: CostModel, strategies, recomputes, token_counts
                     fwd, bwd = step_times(step, dy, repeats)
                     peak = measured_peak(step, weights, x, dy, mesh.device)
                     if moe is not None:
-                        peak = _largest(peak, mesh.device)
+                        peak = largest(peak, mesh.device)
                     cost = model.layer_cost(shape, name, recompute, lens, P, trainable=trainable,
                                             dtype=dtype_name(dtype), **extra)  # fmt: skip
                     cells.append(Cell(name, recompute, tokens, fwd + bwd, cost.time_s, peak,
@@ -210,15 +141,38 @@ def moe_from(text: str | None, aux_loss: float) -> MoeShape | None:
         raise ValueError(f"--moe {text}: {error}") from None
 
 
+def group_sizes_from(text: str | None, P: int, sequences: int, moe) -> list[int]:
+    """The group sizes of `--group-sizes` (default [P]); ValueError, one line, for a size that
+    does not divide P, for a micro-batch with fewer sequences than a size's sub-groups (each
+    needs one, as the planner requires) and for sub-groups with --moe (MoE layers run on the
+    whole group)."""
+    if text is None:
+        return [P]
+    sizes = int_list("--group-sizes", text)
+    divisors = [d for d in range(1, P + 1) if P % d == 0]
+    bad = [g for g in sizes if g not in divisors]
+    if bad:
+        raise ValueError(f"--group-sizes {bad} do not divide sp={P}; choose among {divisors}")
+    if moe is not None and any(g < P for g in sizes):
+        raise ValueError("--group-sizes below sp with --moe: MoE layers run on the whole group")
+    few = [g for g in sizes if P // g > sequences]
+    if few:
+        raise ValueError(
+            f"--group-sizes {few}: {P // min(few)} sub-groups need at least as many sequences; "
+            f"raise --sequences from {sequences}"
+        )
+    return sorted(set(sizes), reverse=True)
+
+
 def format_table(cells: list[Cell]) -> str:
     lines = [
-        f"{'strategy':<8} {'recompute':<9} {'weights':<9} {'tokens':>6} {'ms meas':>8} "
+        f"{'strategy':<10} {'recompute':<9} {'weights':<9} {'tokens':>6} {'ms meas':>8} "
         f"{'ms pred':>8} {'err':>6} {'MiB meas':>9} {'MiB pred':>9} {'err':>6}"
     ]
     for c in cells:
         kind = "trainable" if c.trainable else "frozen"
         lines.append(
-            f"{c.strategy:<8} {c.recompute:<9} {kind:<9} {c.tokens:>6} {c.measured_s * 1e3:>8.1f} "
+            f"{c.strategy:<10} {c.recompute:<9} {kind:<9} {c.tokens:>6} {c.measured_s * 1e3:>8.1f} "
             f"{c.predicted_s * 1e3:>8.1f} {100 * c.time_error:>5.1f}% "
             f"{c.measured_bytes / MiB:>9.2f} {c.predicted_bytes / MiB:>9.2f} "
             f"{100 * c.memory_error:>5.1f}%"
@@ -265,6 +219,11 @@ def main(argv: list[str] | None = None) -> None:
         help="with --moe: the balance loss coefficient (0: off; on, each forward all-reduces "
         "the per-sequence expert counts)",
     )  # fmt: skip
+    p.add_argument(
+        "--group-sizes", default=None,
+        help="comma-separated sub-group sizes g dividing P (default: P, the whole group only); "
+        "each g below P adds rows gN:STRATEGY for a micro-batch run on P/g sub-groups",
+    )  # fmt: skip
     add_shape_arguments(p)
     args = p.parse_args(argv)
     try:
@@ -293,10 +252,12 @@ def main(argv: list[str] | None = None) -> None:
             profile.check_matches(dtype=args.dtype, sp=mesh.sp)
         if moe is not None and moe.layout_problem(mesh.sp):
             raise ValueError(f"--moe: {moe.layout_problem(mesh.sp)}")
+        group_sizes = group_sizes_from(args.group_sizes, mesh.sp, args.sequences, moe)
     except ValueError as e:  # ProfileError included
         fail(p.prog, str(e))
+    wanted = names
     names = [n for n in names if get_strategy(n).supports(shape, mesh.sp)[0]]
-    if not names:
+    if not names and mesh.sp in group_sizes:
         fail(p.prog, f"no strategy supports this shape on sp={mesh.sp}")
     dtype = getattr(torch, args.dtype)
     start = time.perf_counter()
@@ -305,8 +266,14 @@ def main(argv: list[str] | None = None) -> None:
             print("no --profile given: profiling this machine first")
         profile = measure_profile(mesh, shape, dtype)
     model = CostModel(detect(), profile)
-    cells = validate(mesh, shape, model, names, recomputes, tokens, args.sequences, dtype,
-                     args.repeats, kinds, moe)  # fmt: skip
+    cells = []
+    if mesh.sp in group_sizes:
+        cells = validate(mesh, shape, model, names, recomputes, tokens, args.sequences, dtype,
+                         args.repeats, kinds, moe)  # fmt: skip
+    cells += validate_sub_groups(mesh, shape, model, wanted, recomputes, tokens, args.sequences,
+                                 group_sizes, dtype, args.repeats)  # fmt: skip
+    if not cells:
+        fail(p.prog, "no strategy supports this shape on the group sizes asked for")
     if mesh.rank == 0:
         mlp = f"F={shape.ffn_hidden}" if moe is None else (
             f"MoE E={moe.experts} top-{moe.top_k} F_e={moe.expert_ffn_hidden} "

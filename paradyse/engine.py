@@ -19,14 +19,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from parallel_lib import GroupSplit, Strategy, get_strategy, split_group
+from parallel_lib import CommGroup, GroupSplit, Strategy, all_gather_dim0, get_strategy, split_group
 from parallel_lib.mesh import Mesh
 from planners import Option, Plan, Planner
 
 from .batch import PackedBatch
 from .memory import PeakMemory
 from .moe_metrics import MoeStepStats
-from .optim import FlatUnit, OptimConfig, UnitOptimizer, learning_rate, reduce_replicated
+from .optim import (
+    FlatUnit,
+    OptimConfig,
+    UnitOptimizer,
+    learning_rate,
+    reduce_replicated,
+    reduce_replicated_with_norms,
+)
 from .seams import AttachedHooks, LayerHooks, OptimizerWrapper
 
 __all__ = ["Engine", "LayerHooks", "OptimizerWrapper", "StepResult", "MicroBatchResult"]
@@ -117,6 +124,11 @@ class Engine:
         self._splits: dict[int, GroupSplit] = {}  # sub-group size -> this rank's place
         self.step_index = 0
         self._attached = AttachedHooks(self.hooks, self.layers)
+        self._world = (
+            CommGroup(dist.group.WORLD, tuple(range(mesh.world)), mesh.rank)
+            if mesh.world > 1
+            else None
+        )  # the step's metrics are gathered over it
 
     def _install_router_hook(self, hook) -> None:
         """Every MoE layer routes through `hook` (`parallel_lib.routing.RouterHook`)."""
@@ -269,10 +281,13 @@ class Engine:
         pairs = zip(self.unit_layers, self.optimizers, trainable, strict=True)
         chosen = [(owner, opt) for owner, opt, t in pairs if t]
         owners, active = [o for o, _ in chosen], [opt for _, opt in chosen]
-        reduce_replicated(active)
-        for opt in active:
-            opt.reduce(over_sp=False)
-        squares = self._global_squares(active)  # (units, 2), summed over the world
+        if self.mesh.dp == 1 and self.mesh.sp > 1 and active:  # one collective over sp
+            squares = reduce_replicated_with_norms(active, self.mesh.sp_group)
+        else:
+            reduce_replicated(active)
+            for opt in active:
+                opt.reduce(over_sp=False)
+            squares = self._global_squares(active)  # (units, 2), summed over the world
         grad_norm = float(squares.sum().sqrt())
         by_layer: list[float | None] = [None] * len(self.layers)
         for owner, norm in zip(owners, squares.sum(dim=1).sqrt().tolist(), strict=True):
@@ -329,12 +344,11 @@ class Engine:
         predicted_s = sum(r.plan.predicted_s for r in results)
         predicted_peak = max((r.plan.predicted_peak_bytes for r in results), default=0)
         kw = {"dtype": torch.float64, "device": mesh.device}  # nccl reduces device tensors only
-        total = torch.tensor([loss_sum], **kw)
         held = sum(opt.state_bytes()[0] for opt in self.optimizers)
-        worst = torch.tensor([step_s, predicted_s, peak, predicted_peak, held], **kw)
-        if mesh.world > 1:
-            dist.all_reduce(total)
-            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        row = torch.tensor([[loss_sum, step_s, predicted_s, peak, predicted_peak, held]], **kw)
+        if self._world is not None:  # one gather: the loss summed in rank order, the rest's max
+            row = all_gather_dim0(row, self._world)
+        total, worst = row[:, 0].sum(0, keepdim=True), row[:, 1:].amax(0)
         moe = self.moe_stats.reduce(mesh.device, mesh.world, loss_tokens)
         return StepResult(
             step=self.step_index,

@@ -6,8 +6,9 @@ assembled from its vocabulary shards, computed `chunk` tokens at a time:
 
 - forward: all-gather the weight once; per chunk, the float32 logits (chunk, V) and their
   log-softmax, the targets' entries summed into the loss, both freed. It keeps for the backward
-  the input, the shard and the labels: nothing of size V.
-- backward: all-gather the weight once again; per chunk, the log-softmax recomputed and turned,
+  the input, the labels and the gathered weight (the backward follows at once; the planner
+  counts that weight with the static memory, `vocab_transient_bytes`): nothing of size T x V.
+- backward: per chunk, the log-softmax recomputed and turned,
   in its own buffer, into the logits' gradient (softmax minus the target's one-hot, times the
   loss's gradient: the numbers log_softmax's own backward gives); the input gradient's rows,
   and the weight gradient accumulated in one (V, H) buffer of the weight's dtype (in bfloat16
@@ -15,8 +16,8 @@ assembled from its vocabulary shards, computed `chunk` tokens at a time:
 
 So the peak holds one chunk's logits and log-softmax (2 x chunk x V x 4 bytes, what
 `cost_models.logits_bytes(tokens, vocab, sp, chunk)` counts) instead of three (T/P, V) float32
-buffers, and the head weight travels as through `parallel_lib.zero_linear`: gathered once per
-forward and once per backward. The price is one more head matmul (the recomputed logits).
+buffers, and the head weight is gathered once per micro-batch, as by
+`VocabParallelHead.forward`. The price is one more head matmul (the recomputed logits).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def _log_softmax(h: Tensor, weight: Tensor) -> Tensor:
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     """forward: all-gather the weight shards, per chunk logits -> summed cross-entropy (logits
-    freed); backward: all-gather again, per chunk recomputed logits -> their gradient -> input
-    rows and weight gradient, reduce-scatter of the weight gradient along dim 0."""
+    freed), the gathered weight kept; backward: per chunk recomputed logits -> their gradient ->
+    input rows and weight gradient, reduce-scatter of the weight gradient along dim 0."""
 
     @staticmethod
     def forward(ctx, h, shard, labels, group, chunk):
@@ -57,15 +58,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             del log_probs
             total -= torch.where(target != IGNORE_INDEX, picked, 0.0).sum()
         ctx.group, ctx.chunk = group, chunk
-        ctx.save_for_backward(h, shard, labels)
+        ctx.save_for_backward(h, weight, labels)
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        h, shard, labels = ctx.saved_tensors
+        h, weight, labels = ctx.saved_tensors
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        weight = gather_weight(shard, ctx.group)
         dh = torch.empty_like(h) if want_h else None
         dweight = torch.zeros_like(weight) if want_w else None
         for start in range(0, h.shape[0], ctx.chunk):

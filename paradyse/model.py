@@ -188,11 +188,14 @@ class VocabParallelEmbedding(_VocabSharded):
 
 class VocabParallelHead(_VocabSharded):
     """The LM head, rows split over the vocabulary like the embedding; logits of local tokens
-    over the whole vocabulary, in float32."""
+    over the whole vocabulary, in float32. The gathered weight is kept for the backward, which
+    follows at once (only the loss runs between): one all-gather per micro-batch, not two; the
+    planner counts the gathered weight with the static memory (`vocab_transient_bytes`)."""
 
     def forward(self, h: Tensor) -> Tensor:
         # (T/P, H) x whole (V, H) gathered from (V/P, H) shards -> (T/P, V)
-        return zero_linear(h, self.weight, self.group, input_major=False).float()
+        return zero_linear(h, self.weight, self.group, input_major=False,
+                           keep_gathered=True).float()  # fmt: skip
 
     def loss_sum(self, h: Tensor, labels: Tensor, chunk: int = LOGITS_CHUNK) -> Tensor:
         """The summed next-token cross-entropy of the local tokens' logits: `chunk` tokens at a

@@ -11,6 +11,9 @@ Data parallelism sums gradients over dp: an all-reduce, or with `shard_optimizer
 reduce-scatter, after which each dp rank updates its 1/dp slice of the flat buffer (its AdamW
 state is 1/dp) and the slices are all-gathered back. 16-bit parameters keep float32 master
 weights; float32 parameters are their own masters.
+
+Without data parallelism a step's reductions over sp are one collective: the replicated gradients
+and the sharded squared norms (for clipping) travel together (`reduce_replicated_with_norms`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .sharding import is_sharded
 
 __all__ = [
     "OptimConfig", "FlatUnit", "Segment", "UnitOptimizer", "learning_rate", "decays",
-    "reduce_replicated",
+    "reduce_replicated", "reduce_replicated_with_norms",
 ]  # fmt: skip
 
 
@@ -184,6 +187,29 @@ def reduce_replicated(optimizers: Sequence[UnitOptimizer]) -> None:
                 offset += view.numel()
 
 
+def reduce_replicated_with_norms(optimizers: Sequence[UnitOptimizer], group: CommGroup) -> Tensor:
+    """For a step without data parallelism (dp = 1), in ONE collective over the sp `group`: sum
+    every unit's replicated gradients and its sharded squared gradient norm (as float64).
+    Returns per unit (sharded squares summed over sp, squares of the summed replicated
+    gradients), (units, 2) float64: what `reduce_replicated`, `square_norms` and an all-reduce of
+    the sharded column give in two collectives."""
+    device = optimizers[0].unit.grad.device
+    views = []
+    for opt in optimizers:
+        lo, hi = opt.unit.replicated
+        views.append(opt.unit.grad[lo:hi])
+    sharded = torch.tensor([opt.square_norm(sharded=True) for opt in optimizers],
+                           dtype=torch.float64, device=device)  # fmt: skip
+    flat = torch.cat([sharded, *(v.to(device=device, dtype=torch.float64) for v in views)])
+    all_reduce_(flat, group)
+    offset = len(optimizers)
+    for view in views:
+        view.copy_(flat[offset : offset + view.numel()])
+        offset += view.numel()
+    replicated = [opt.square_norm(sharded=False) for opt in optimizers]
+    return torch.stack([flat[: len(optimizers)], flat.new_tensor(replicated)], dim=1)
+
+
 class UnitOptimizer:
     """AdamW for one FlatUnit on this dp rank's slice (all of it without ZeRO-1).
 
@@ -267,12 +293,17 @@ class UnitOptimizer:
 
     def square_norms(self) -> tuple[float, float]:
         """Squared gradient norm of this rank's slice: (sharded region, replicated region)."""
+        return self.square_norm(sharded=True), self.square_norm(sharded=False)
+
+    def square_norm(self, *, sharded: bool) -> float:
+        """Squared gradient norm of this rank's slice, of its sharded or its replicated region."""
         grad = self._slice_grad()
-        sums = [0.0, 0.0]
+        total = 0.0
         for piece in self.pieces:
-            part = grad[piece.start - self.start : piece.stop - self.start]
-            sums[0 if piece.sharded else 1] += float(part.double().square().sum())
-        return sums[0], sums[1]
+            if piece.sharded == sharded:
+                part = grad[piece.start - self.start : piece.stop - self.start]
+                total += float(part.double().square().sum())
+        return total
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()

@@ -3,7 +3,8 @@
 Tensors are packed: q (Tq, heads, d), k and v (Tk, kv_heads, d) with GQA (kv_heads divides heads),
 sequence boundaries as cumulative lengths `cu_q`, `cu_k` (Python ints). Outputs: out (Tq, heads, d)
 in q's dtype and lse (heads, Tq) float32 (float64 for float64 inputs). Backends:
-- "cpu_flash": torch's CPU flash kernel and its backward, one call per sequence;
+- "cpu_flash": torch's CPU flash kernel and its backward, one call per run of consecutive
+  sequences of equal length (a batch of them: many short sequences cost one call, not many);
 - "cuda_flash": the varlen flash attention shipped with torch (fp16/bf16 on CUDA);
 - "reference": plain torch, any float dtype (float64 for tests);
 - "auto": cuda_flash for half types on CUDA, cpu_flash on CPU, else reference (float32 on CUDA
@@ -53,13 +54,34 @@ def _segments(cu_q: Sequence[int], cu_k: Sequence[int], causal: bool):
             yield q0, q1, k0, k1
 
 
+def _runs(cu_q: Sequence[int], cu_k: Sequence[int], causal: bool, batched: bool):
+    """(q0, q1, k0, k1, count): `count` consecutive sequences of equal query and key lengths
+    at rows [q0, q1) and [k0, k1) (one sequence each unless `batched`)."""
+    run = None
+    for q0, q1, k0, k1 in _segments(cu_q, cu_k, causal):
+        if run is not None and batched:
+            rq0, rq1, rk0, rk1, n = run
+            if (q0, k0) == (rq1, rk1) and (q1 - q0) * n == rq1 - rq0 and (k1 - k0) * n == rk1 - rk0:
+                run = (rq0, q1, rk0, k1, n + 1)
+                continue
+        if run is not None:
+            yield run
+        run = (q0, q1, k0, k1, 1)
+    if run is not None:
+        yield run
+
+
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """Where partial attention results and gradient sums accumulate (float64 stays float64)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _as_bhsd(t: Tensor) -> Tensor:
-    return t.unsqueeze(0).transpose(1, 2)  # (S, h, d) -> (1, h, S, d) view
+def _as_bhsd(t: Tensor, count: int = 1) -> Tensor:
+    return t.unflatten(0, (count, -1)).transpose(1, 2)  # (B*S, h, d) -> (B, h, S, d) view
+
+
+def _from_bhsd(t: Tensor) -> Tensor:
+    return t.transpose(1, 2).flatten(0, 1)  # (B, h, S, d) -> (B*S, h, d)
 
 
 # ---------------------------------------------------------------- reference (plain torch)
@@ -108,26 +130,27 @@ def _ref_backward(dout, q, k, v, out, lse, causal, scale):
 # ---------------------------------------------------------------- CPU flash
 
 
-def _cpu_forward(q, k, v, causal, scale):
+def _cpu_forward(q, k, v, causal, scale, count=1):
+    """`count` sequences of equal length, rows one after another, in one kernel call."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        _as_bhsd(q), _as_bhsd(k), _as_bhsd(v), 0.0, causal, scale=scale
+        _as_bhsd(q, count), _as_bhsd(k, count), _as_bhsd(v, count), 0.0, causal, scale=scale
     )
-    return out[0].transpose(0, 1), lse[0]
+    return _from_bhsd(out), lse.transpose(0, 1).flatten(1)  # lse (B, h, S) -> (h, B*S)
 
 
-def _cpu_backward(dout, q, k, v, out, lse, causal, scale):
+def _cpu_backward(dout, q, k, v, out, lse, causal, scale, count=1):
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        _as_bhsd(dout.contiguous()),
-        _as_bhsd(q),
-        _as_bhsd(k),
-        _as_bhsd(v),
-        _as_bhsd(out.contiguous()),
-        lse.contiguous().unsqueeze(0),
+        _as_bhsd(dout.contiguous(), count),
+        _as_bhsd(q, count),
+        _as_bhsd(k, count),
+        _as_bhsd(v, count),
+        _as_bhsd(out.contiguous(), count),
+        lse.unflatten(1, (count, -1)).transpose(0, 1).contiguous(),  # (h, B*S) -> (B, h, S)
         0.0,
         causal,
         scale=scale,
     )
-    return dq[0].transpose(0, 1), dk[0].transpose(0, 1), dv[0].transpose(0, 1)
+    return _from_bhsd(dq), _from_bhsd(dk), _from_bhsd(dv)
 
 
 # ---------------------------------------------------------------- CUDA varlen flash
@@ -185,11 +208,12 @@ def attention_forward(
     backend = resolve_backend(backend, q)
     if backend == "cuda_flash":
         return _cuda_forward(q, k, v, cu_q, cu_k, causal, scale)
-    kernel = _cpu_forward if backend == "cpu_flash" else _ref_forward
+    batched = backend == "cpu_flash"
+    kernel = _cpu_forward if batched else _ref_forward
     out = q.new_zeros(q.shape)
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=accumulator_dtype(q.dtype))
-    for q0, q1, k0, k1 in _segments(cu_q, cu_k, causal):
-        o, m = kernel(q[q0:q1], k[k0:k1], v[k0:k1], causal, scale)
+    for q0, q1, k0, k1, n in _runs(cu_q, cu_k, causal, batched):
+        o, m = kernel(q[q0:q1], k[k0:k1], v[k0:k1], causal, scale, *([n] if batched else []))
         out[q0:q1] = o
         lse[:, q0:q1] = m
     return out, lse
@@ -217,12 +241,12 @@ def attention_backward(
     backend = resolve_backend(backend, q)
     if backend == "cuda_flash":
         return _cuda_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal, scale)
-    kernel = _cpu_backward if backend == "cpu_flash" else _ref_backward
+    batched = backend == "cpu_flash"
+    kernel = _cpu_backward if batched else _ref_backward
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for q0, q1, k0, k1 in _segments(cu_q, cu_k, causal):
-        g = kernel(
-            dout[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1], out[q0:q1], lse[:, q0:q1], causal, scale
-        )
+    for q0, q1, k0, k1, n in _runs(cu_q, cu_k, causal, batched):
+        g = kernel(dout[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1], out[q0:q1], lse[:, q0:q1],
+                   causal, scale, *([n] if batched else []))  # fmt: skip
         dq[q0:q1] += g[0]
         dk[k0:k1] += g[1]
         dv[k0:k1] += g[2]

@@ -35,6 +35,35 @@ def _nbytes(t: Tensor) -> int:
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
+# gloo's all-gather and all-reduce are rings: P-1 and 2(P-1) rounds of messages, one after the
+# other, and its reduce-scatter is an all-reduce of the whole input. Its all-to-all posts every
+# message at once: one round. Where the ranks share few cores each round waits for the peers
+# to be scheduled, so on gloo (CPU tensors) the helpers below run as one all-to-all where that
+# was measured faster (benchmarks/step_profile.py; docs/benchmarks.md, "Lean steps"): a
+# reduce-scatter always (an all-to-all of the input, then each rank sums its P blocks, in rank
+# order), an all-gather up to DIRECT_GATHER_BYTES of output (each rank sends its rows to all),
+# and an all-reduce up to DIRECT_REDUCE_BYTES (so gathered, then summed in rank order: the same
+# bits on every rank). Byte counts follow the same convention either way; nccl is unchanged.
+DIRECT_GATHER_BYTES = 256 << 10
+DIRECT_REDUCE_BYTES = 256 << 10
+
+
+def _direct(x: Tensor, group: CommGroup) -> bool:
+    """Whether the collective may run as gloo's one-round all-to-all (see above)."""
+    return x.device.type == "cpu" and group.backend == "gloo"
+
+
+def _gather_into(out: Tensor, x: Tensor, group: CommGroup, direct: bool | None = None) -> None:
+    """out (P*N, ...) = every rank's contiguous x (N, ...), rank-major; no byte counting.
+    `direct`: the all-to-all form (default: where it was measured faster)."""
+    P = group.size
+    if direct is None:
+        direct = _direct(x, group) and _nbytes(out) <= DIRECT_GATHER_BYTES
+    if direct:
+        dist.all_to_all(list(out.chunk(P)), [x] * P, group=group.pg)
+    else:
+        _all_gather_single(out, x, group=group.pg)
+
 
 # ---------------------------------------------------------------- functional helpers (no autograd)
 
@@ -47,7 +76,7 @@ def all_gather_dim0(x: Tensor, group: CommGroup) -> Tensor:
     x = x.contiguous()
     out = x.new_empty((P * x.shape[0], *x.shape[1:]))
     group.monitor.record("all_gather", (P - 1) * _nbytes(x))
-    _all_gather_single(out, x, group=group.pg)
+    _gather_into(out, x, group)
     return out
 
 
@@ -59,8 +88,12 @@ def reduce_scatter_dim0(x: Tensor, group: CommGroup) -> Tensor:
     if x.shape[0] % P:
         raise ValueError(f"reduce-scatter of {x.shape[0]} rows over {P} ranks")
     x = x.contiguous()
-    out = x.new_empty((x.shape[0] // P, *x.shape[1:]))
     group.monitor.record("reduce_scatter", (P - 1) * _nbytes(x) // P)
+    if _direct(x, group):  # block j to rank j, then this rank's P blocks summed in rank order
+        blocks = torch.empty_like(x)
+        dist.all_to_all_single(blocks, x, group=group.pg)
+        return blocks.view(P, x.shape[0] // P, *x.shape[1:]).sum(0)
+    out = x.new_empty((x.shape[0] // P, *x.shape[1:]))
     _reduce_scatter_single(out, x, group=group.pg)
     return out
 
@@ -101,17 +134,26 @@ def exchange_counts(counts: Tensor, group: CommGroup) -> Tensor:
     return out
 
 
-def all_reduce_(x: Tensor, group: CommGroup) -> Tensor:
-    """In-place sum over the group (no autograd): for gradients of replicated parameters."""
+def all_reduce_(x: Tensor, group: CommGroup, op: str = "sum") -> Tensor:
+    """In-place sum (or `op="max"`: maximum) over the group (no autograd): for gradients of
+    replicated parameters and step metrics. Every rank gets the same bits."""
     P = group.size
     if P == 1:
         return x
+    if op not in ("sum", "max"):
+        raise ValueError(f"all_reduce_ sums or takes the maximum, got op={op!r}")
     group.monitor.record("all_reduce", 2 * (P - 1) * _nbytes(x) // P)
+    if _direct(x, group) and _nbytes(x) <= DIRECT_REDUCE_BYTES:
+        every = x.new_empty((P, x.numel()))
+        _gather_into(every, x.reshape(1, -1).contiguous(), group, direct=True)
+        x.copy_((every.sum(0) if op == "sum" else every.amax(0)).view_as(x))
+        return x
+    reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
     if x.is_contiguous():
-        dist.all_reduce(x, group=group.pg)
+        dist.all_reduce(x, op=reduce_op, group=group.pg)
     else:
         buf = x.contiguous()
-        dist.all_reduce(buf, group=group.pg)
+        dist.all_reduce(buf, op=reduce_op, group=group.pg)
         x.copy_(buf)
     return x
 

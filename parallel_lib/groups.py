@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch.distributed as dist
 
@@ -76,6 +77,11 @@ class CommGroup:
     @property
     def size(self) -> int:
         return len(self.ranks)
+
+    @cached_property
+    def backend(self) -> str:
+        """The process group's backend ('gloo', 'nccl'; 'none' for a group of one rank)."""
+        return "none" if self.pg is None else str(dist.get_backend(self.pg))
 
     def global_rank(self, index: int) -> int:
         return self.ranks[index % self.size]

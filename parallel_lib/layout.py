@@ -16,6 +16,8 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from .ops import rotary_tables
+
 __all__ = ["ZigzagLayout", "zigzag_natural_index", "pad_length"]
 
 
@@ -116,6 +118,17 @@ class ZigzagLayout:
                 self._dev(to_sorted),
                 self._dev(from_sorted),
             )
+        return cache[key]
+
+    def rotary(
+        self, members: Sequence[int], d: int, theta: float, scaling=None, dtype=torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        """The rotary (cos, sin) tables (`parallel_lib.ops.rotary_tables`) at the positions of
+        `gathered(members)`, made once per micro-batch and shared by every layer's q and k."""
+        key = (tuple(members), d, theta, scaling, dtype)
+        cache = self.__dict__.setdefault("_rotary_cache", {})
+        if key not in cache:
+            cache[key] = rotary_tables(self.gathered(members)[0], d, theta, scaling, dtype)
         return cache[key]
 
     def shard(self, natural: Tensor) -> Tensor:

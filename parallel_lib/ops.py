@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .shape import LayerShape
 
-__all__ = ["apply_rotary", "rotary_frequencies", "swiglu", "split_qkv"]
+__all__ = ["apply_rotary", "rotary_frequencies", "rotary_tables", "swiglu", "split_qkv"]
 
 
 def rotary_frequencies(
@@ -32,22 +32,37 @@ def rotary_frequencies(
     return inv_freq * (keep + (1 - keep) / factor)
 
 
+def rotary_tables(
+    positions: Tensor,
+    d: int,
+    theta: float,
+    scaling: tuple[float, float, float, float] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """(cos, sin), each (N, 1, d/2) in `dtype`, of the rotary angles at integer positions (N,)
+    with the frequencies of `rotary_frequencies`. What `apply_rotary` multiplies by: a layout
+    makes them once per micro-batch (`ZigzagLayout.rotary`) for every layer's q and k.
+
+    Angles are computed in float64: position * frequency in float32 loses ~pos * 6e-8 radians,
+    which is visible at long context."""
+    inv_freq = rotary_frequencies(d, theta, scaling, positions.device)  # (d/2,)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None]  # (N, d/2)
+    return torch.cos(angles).to(dtype)[:, None, :], torch.sin(angles).to(dtype)[:, None, :]
+
+
 def apply_rotary(
     x: Tensor,
     positions: Tensor,
     theta: float,
     scaling: tuple[float, float, float, float] | None = None,
+    *,
+    tables: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Rotate-half rotary embedding of x (N, heads, d) at integer positions (N,), with the
-    frequencies of `rotary_frequencies`.
-
-    Angles are computed in float64: position * frequency in float32 loses ~pos * 6e-8 radians,
-    which is visible at long context."""
+    frequencies of `rotary_frequencies`; `tables`: the (cos, sin) of `rotary_tables` for these
+    positions, when already made (then positions, theta and scaling are not read)."""
     d = x.shape[-1]
-    inv_freq = rotary_frequencies(d, theta, scaling, x.device)  # (d/2,)
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None]  # (N, d/2)
-    cos = torch.cos(angles).to(x.dtype)[:, None, :]  # (N, 1, d/2)
-    sin = torch.sin(angles).to(x.dtype)[:, None, :]
+    cos, sin = tables or rotary_tables(positions, d, theta, scaling, x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 

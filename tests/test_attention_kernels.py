@@ -153,6 +153,36 @@ def test_varlen_attention_autograd(backend, dtype) -> None:
         assert_close(got, want, TOL[dtype], f"varlen {backend} {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["f64", "f32", "bf16"])  # fmt: skip
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_cpu_flash_batches_equal_lengths_bitwise(causal, dtype) -> None:
+    """Runs of consecutive sequences of equal lengths are one batched kernel call, whose every
+    output and gradient is bitwise the one-call-per-sequence result."""
+    import parallel_lib.attention as kernels
+
+    q_lens, k_lens = [7, 7, 7, 3, 12, 12, 1, 1], [7, 7, 7, 3, 12, 12, 1, 1]
+    if not causal:
+        k_lens = [9, 9, 9, 3, 5, 5, 2, 2]
+    cu_q, cu_k = cumulative(q_lens), cumulative(k_lens)
+    q, k, v = make_qkv(q_lens, k_lens, dtype, seed=5)
+    dout = make_qkv(q_lens, q_lens, dtype, seed=6)[0]
+    runs = list(kernels._runs(cu_q, cu_k, causal, True))
+    assert [n for *_, n in runs] == [3, 1, 2, 2]
+    out, lse = attention_forward(q, k, v, cu_q, cu_k, causal=causal, backend="cpu_flash")
+    grads = attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal,
+                               backend="cpu_flash")  # fmt: skip
+    scale = 1 / math.sqrt(D)
+    for i in range(len(q_lens)):
+        a, b, c, e = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+        o, m = kernels._cpu_forward(q[a:b], k[c:e], v[c:e], causal, scale)
+        assert torch.equal(out[a:b], o) and torch.equal(lse[:, a:b], m)
+        one = kernels._cpu_backward(dout[a:b], q[a:b], k[c:e], v[c:e], out[a:b], lse[:, a:b],
+                                    causal, scale)  # fmt: skip
+        for got, want in zip((grads[0][a:b], grads[1][c:e], grads[2][c:e]), one, strict=True):
+            assert torch.equal(got, want)
+
+
 def test_unknown_backend_raises() -> None:
     q, k, v = make_qkv([4], [4], torch.float32, seed=8)
     with pytest.raises(ValueError, match="unknown attention backend 'fast'"):

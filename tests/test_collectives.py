@@ -335,3 +335,44 @@ def single_rank_group_case() -> None:
 @pytest.mark.parametrize("world", [1, 4])
 def test_group_of_one_sends_nothing(world: int) -> None:
     run_distributed(world, single_rank_group_case)
+
+
+# ---------------------------------------------------------------------------- gloo algorithms
+
+
+def algorithms_case() -> None:
+    """Each collective on both of gloo's paths (its own ring algorithms and the one-round
+    all-to-all forms `parallel_lib.comm` picks by size) gives the same values, every rank the
+    same bits of an all-reduce, and the same byte counts."""
+    import parallel_lib.comm as comm
+
+    grp, P, r = group()
+    xs = per_rank((6, 5), 11, P)
+    big = per_rank((P * 4, 5), 12, P)
+    direct = comm._direct
+    results = {}
+    for path in ("direct", "native"):
+        comm._direct = direct if path == "direct" else (lambda x, g: False)
+        try:
+            with count_bytes(grp) as counter:
+                gathered = comm.all_gather_dim0(xs[r], grp)
+                scattered = comm.reduce_scatter_dim0(big[r], grp)
+                summed = comm.all_reduce_(xs[r].clone(), grp)
+                largest = comm.all_reduce_(xs[r].clone(), grp, op="max")
+        finally:
+            comm._direct = direct
+        assert torch.equal(gathered, torch.cat(xs))
+        assert torch.equal(scattered, sum(b[r * 4 : (r + 1) * 4] for b in big))
+        assert torch.equal(summed, sum(xs))
+        assert torch.equal(largest, torch.stack(xs).amax(0))
+        results[path] = counter.snapshot()
+    assert results["direct"] == results["native"]
+    # a float32 sum whose rounding depends on the order: every rank still gets the same bits
+    odd = torch.tensor([1.0, 1e-8, -1.0, 3.3], dtype=torch.float32) * (r + 1) / 7
+    every = comm.all_gather_dim0(comm.all_reduce_(odd, grp).reshape(1, -1), grp)
+    assert all(torch.equal(row, every[0]) for row in every)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_algorithms_agree(world: int) -> None:
+    run_distributed(world, algorithms_case)

@@ -29,6 +29,8 @@ MEASURING = {
     "cost_models.profile_groups",
     "cost_models.timing",
     "cost_models.validate",
+    "cost_models.validate_cells",
+    "cost_models.validate_groups",
 }
 """The modules of cost_models that measure this machine: they may import torch and parallel_lib."""
 PURE = ("cost_models", "planners")

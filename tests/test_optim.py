@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from paradyse.model import mark_sharded
-from paradyse.optim import FlatUnit, OptimConfig, UnitOptimizer, learning_rate, reduce_replicated
+from paradyse.optim import (
+    FlatUnit,
+    OptimConfig,
+    UnitOptimizer,
+    learning_rate,
+    reduce_replicated,
+    reduce_replicated_with_norms,
+)
 from parallel_lib import CommGroup
 
 from .harness import run_distributed
@@ -163,3 +170,47 @@ def test_one_all_reduce_sums_every_units_replicated_gradients() -> None:
         torch.testing.assert_close(fused[k], want, rtol=0, atol=0)
         torch.testing.assert_close(alone[k], want, rtol=0, atol=0)
     assert spans[2][0] == spans[2][1]  # the third unit has nothing replicated
+
+
+def _with_norms():
+    """Four units on an sp group of 4 (dp = 1) summed and normed in one collective, against
+    `reduce_replicated`, `square_norms` and an all-reduce of the sharded squares."""
+    mesh = mesh_for(4)
+    g = torch.Generator().manual_seed(11 + mesh.rank)
+    grads, optimizers = [], []
+    for k, shapes in enumerate([[(4, 3), (5,)], [(2, 2), (3,), (1,)], [(6, 2)], [(7,)]]):
+        params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+        if len(shapes[0]) == 2:
+            mark_sharded(params[0])  # the matrix is a shard; vectors are replicated
+        unit = FlatUnit(f"u{k}", params, 1)
+        unit.grad.copy_(torch.randn(unit.grad.shape, generator=g))
+        grads.append(unit.grad.clone())
+        optimizers.append(UnitOptimizer(unit, CONFIG, sp_group=mesh.sp_group,
+                                        dp_group=mesh.dp_group))  # fmt: skip
+    one = reduce_replicated_with_norms(optimizers, mesh.sp_group)
+    fused = [opt.unit.grad.clone() for opt in optimizers]
+    for opt, grad in zip(optimizers, grads, strict=True):
+        opt.unit.grad.copy_(grad)
+    reduce_replicated(optimizers)
+    two = torch.tensor([opt.square_norms() for opt in optimizers], dtype=torch.float64)
+    sharded = two[:, 0].contiguous()
+    torch.distributed.all_reduce(sharded, group=mesh.sp_group.pg)
+    two[:, 0] = sharded
+    spans = [opt.unit.replicated for opt in optimizers]
+    return one, two, fused, [opt.unit.grad.clone() for opt in optimizers], spans
+
+
+def test_one_collective_sums_replicated_gradients_and_norms() -> None:
+    """The same sums up to float32 rounding (the replicated gradients are summed in float64
+    and rounded once), and every rank the same bits of them and of the norms."""
+    results = run_distributed(4, _with_norms)
+    for one, two, fused, separate, _ in results:
+        torch.testing.assert_close(one, two, rtol=1e-6, atol=0)
+        for a, b in zip(fused, separate, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    spans = results[0][4]
+    assert spans[2][0] == spans[2][1] and spans[3] == (0, 7)  # nothing / everything replicated
+    for one, _, fused, _, _ in results[1:]:
+        assert torch.equal(one, results[0][0])
+        for a, b, (lo, hi) in zip(fused, results[0][2], spans, strict=True):
+            assert torch.equal(a[lo:hi], b[lo:hi])

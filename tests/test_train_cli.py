@@ -45,12 +45,12 @@ TINY = [f"model.{key}={value}" for key, value in TINY_MODEL.items()] + [
 ]
 TINY_FLAGS = [arg for item in TINY for arg in ("--set", item)]
 
-TIGHT_SP2 = "11MiB"
+TIGHT_SP2 = "9MiB"
 """At sp=2 (dp=1) the tiny model's weights, gradients and AdamW state take about 2 MiB per rank,
-the leanest plan of a full 2048-token micro-batch 7.5 MiB, and the fastest plan everywhere (metp,
-no recompute) about 19 MiB measured. 11 MiB sits between: the planner must recompute on the fuller
-micro-batches and not on the lighter ones (3 distinct plans over the first 10 steps of the
-stdlib corpus), and tp_sp without recompute (17.4 MiB for a full micro-batch) cannot fit."""
+the leanest plan of a full 2048-token micro-batch (metp, full recompute) 7.4 MiB, and the fastest
+plan everywhere (metp, no recompute) 17.8 MiB measured. 9 MiB sits between: the planner must
+recompute on the fuller micro-batches and less or not at all on the lighter ones (3 distinct
+plans over the first 10 steps of the stdlib corpus; measured peak 8.6 MiB)."""
 
 TIGHT_SP1 = "6MiB"
 """At sp=1 the tiny model's static memory is about 2.2 MiB (so 6 MiB is not impossible) and a

@@ -32,8 +32,9 @@ def attend_gathered(
     """
     q, k, v = split_qkv(y, blocks, shape, P)
     positions, to_sorted, from_sorted = layout.gathered(members)
-    q = apply_rotary(q, positions, shape.rope_theta, shape.rope_scaling)
-    k = apply_rotary(k, positions, shape.rope_theta, shape.rope_scaling)
+    tables = layout.rotary(members, shape.head_dim, shape.rope_theta, shape.rope_scaling, q.dtype)
+    q = apply_rotary(q, positions, shape.rope_theta, tables=tables)
+    k = apply_rotary(k, positions, shape.rope_theta, tables=tables)
     if len(members) > 1:  # sort by natural index: natural order, or the outer ring's zigzag
         q, k, v = (t.index_select(0, to_sorted) for t in (q, k, v))
     if ring_group is None:

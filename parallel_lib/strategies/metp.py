@@ -36,8 +36,10 @@ class MemoryEfficientTP(Strategy):
         shape, P = weights.shape, group.size
         y = streamed_linear(x, weights.qkv, group, input_major=False)  # (T/P, P*qkv_rows)
         q, k, v = split_qkv(y, P, shape, P)  # (T/P, heads | kv_heads, d), rank-major heads
-        q = apply_rotary(q, layout.positions, shape.rope_theta, shape.rope_scaling)
-        k = apply_rotary(k, layout.positions, shape.rope_theta, shape.rope_scaling)
+        d, theta, scaling = shape.head_dim, shape.rope_theta, shape.rope_scaling
+        tables = layout.rotary([layout.rank], d, theta, scaling, q.dtype)
+        q = apply_rotary(q, layout.positions, theta, tables=tables)
+        k = apply_rotary(k, layout.positions, theta, tables=tables)
         hq, hk = shape.heads // P, shape.kv_heads // P
         outputs = []
         for g in range(P):  # one head group (one weight shard's heads) at a time
