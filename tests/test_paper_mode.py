@@ -38,10 +38,10 @@ def test_breakdown_terms_by_hand() -> None:
     assert b.logits == 2 * 16 * 100 * 4  # two float32 (T/P, V) buffers: one chunk's
     tl, unit = 16, 16 * 64 * 2  # tokens a rank, one (T/P, H) bf16 activation
     norm = tl * 64 * (4 + 4 + 2) + 4 * tl  # float32 input copy and x_hat, bf16 output, 1/rms
-    # tp_sp, no recompute: the norms; the input; RoPE's cos/sin of the whole sequence (T x d,
-    # Q and K); Q, K, V copied in natural order; the attention output, its float32 LSE and the
-    # out projection's reordered copy; SwiGLU's gate/up output, silu, product (4 x T/P x F)
-    attention = norm + unit + 2 * N * 16 * 2 + (128 + 2 * 64) * tl * 2 + 2 * tl * 128 * 2
+    # tp_sp, no recompute: the norms; the input; Q, K, V copied in natural order; the attention
+    # output, its float32 LSE and the out projection's reordered copy; SwiGLU's gate/up output,
+    # silu, product (4 x T/P x F). RoPE's tables are the micro-batch's, made once for every layer
+    attention = norm + unit + (128 + 2 * 64) * tl * 2 + 2 * tl * 128 * 2
     attention += tl * 8 * 4
     assert b.saved == 2 * (attention + norm + 4 * tl * 128 * 2)
     # METP's own: the norms, the input, the attention output and its LSE
