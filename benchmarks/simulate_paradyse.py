@@ -1,7 +1,11 @@
 """The paper's evaluation in simulation: every static strategy, the paradyse heuristic and the
 exact planner on the cost model with datasheet rates, no GPU needed.
 
-    python benchmarks/simulate_paradyse.py [--sequences 2000] [--seed 0] [--hardware ...]
+    python benchmarks/simulate_paradyse.py [--mode project|paper] [--sequences 2000] [--seed 0]
+
+`--mode paper` runs the paper's own definitions (`benchmarks/simulate_paper.py`): its strategy
+set and baselines, sorted data, a longest-length table with memory breakdowns, Table-5 savings.
+`--mode project` (the default) is this project's what-if, below.
 
 Setting (as the paper): one node of 8 x A100-80GB NVLink, bf16, a batch of one sequence per
 step, the paper's 512 MB safety margin (as 512 MiB); BERT-large-, LLaMA-70B- (8 of 80 layers) and
@@ -16,19 +20,22 @@ to 32 steps per octave (<= 3.1%) so that the cost tables are shared; every metho
 from __future__ import annotations
 
 import argparse
-import math
+import os
 import sys
 import time
 from dataclasses import dataclass
 
-from cost_models import get_preset
-from paradyse.lengths import LENGTH_DISTRIBUTIONS, sample_lengths
-from planners import InfeasibleError, PlanningSetup, format_bytes
-from planners.explain import baseline_methods
-from planners.models import MODEL_PRESETS
+if not __package__:  # run as a script: the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SAFETY_MARGIN = 512 * 2**20  # the paper's 512 MB, read as MiB
-STEPS_PER_OCTAVE = 32
+from benchmarks import simulate_paper  # noqa: E402
+from benchmarks.simulate_paper import SAFETY_MARGIN, bucket  # noqa: E402
+from cost_models import get_preset  # noqa: E402
+from paradyse.lengths import LENGTH_DISTRIBUTIONS, sample_lengths  # noqa: E402
+from planners import InfeasibleError, PlanningSetup, format_bytes  # noqa: E402
+from planners.explain import baseline_methods  # noqa: E402
+from planners.models import MODEL_PRESETS  # noqa: E402
+
 MODELS = ("bert-large", "llama-70b", "gpt3-175b")
 DATASETS = ("githubcode", "grch38")
 PAPER = {
@@ -47,12 +54,6 @@ class Outcome:
     unfit: int
     times: list[float | None]
     """Per sequence (None: does not fit)."""
-
-
-def bucket(length: int, quantum: int) -> int:
-    """Round up to a multiple of max(quantum, 2^floor(log2 n) / STEPS_PER_OCTAVE)."""
-    step = max(quantum, 2 ** max(int(math.log2(length)) - int(math.log2(STEPS_PER_OCTAVE)), 0))
-    return -(-length // step) * step
 
 
 def simulate(whatif: PlanningSetup, method, lengths: list[int]) -> Outcome:
@@ -121,6 +122,7 @@ def run_setting(hardware, model, dataset, lengths, sp, dp, label) -> tuple[str, 
         gradient = whatif.static.gradients  # this rank's gradient shard, reduced over dp
         link = hardware.link(dp * sp, nodes_spanned=max(whatif.nodes_spanned, 2))
         extra = 2 * (dp - 1) / dp * gradient / link.bandwidth + 2 * (dp - 1) * link.latency
+        extra += hardware.collective_latency  # one all-reduce call
     static = whatif.static.total
     head = (
         f"{label}: {spec.name} on {dataset}, sp={sp} x dp={dp} ({whatif.nodes_spanned} node(s) "
@@ -134,6 +136,10 @@ def run_setting(hardware, model, dataset, lengths, sp, dp, label) -> tuple[str, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/simulate_paradyse.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--mode", choices=("project", "paper"), default="project",
+                   help="project: this project's what-if (default); paper: the paper's own "
+                        "definitions (its models; --models and --no-cluster are "
+                        "project mode's)")  # fmt: skip
     p.add_argument("--sequences", type=int, default=2000, help="sequences per data set")
     p.add_argument("--seed", type=int, default=0, help="seed of the length samples")
     p.add_argument("--hardware", default="a100-80g-nvlink", help="hardware preset")
@@ -152,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    if args.mode == "paper":
+        lines = simulate_paper.run(args.hardware, args.sequences, args.seed)
+        print("\n".join(lines[:-1]))
+        print(f"{time.perf_counter() - start:.0f} s")
+        print(lines[-1])
+        return 0
     headline = []
     for dataset in DATASETS:
         lengths = sample_lengths(dataset, args.sequences, args.seed)

@@ -18,6 +18,8 @@ from .units import accumulator_itemsize, dtype_name, itemsize, pad_length
 __all__ = [
     "STRATEGIES",
     "RECOMPUTE_MODES",
+    "PROJECTIONS",
+    "PRICED_RECOMPUTES",
     "LayerCounts",
     "Kernel",
     "layer_counts",
@@ -34,9 +36,18 @@ __all__ = [
 
 STRATEGIES: tuple[str, ...] = tuple(STRATEGY_COSTS)
 RECOMPUTE_MODES = ("none", "selective", "full")
+"""The recompute modes the engine runs (`parallel_lib.RECOMPUTE_MODES`)."""
+PROJECTIONS = "projections"
+"""METP's own backward as the ParaDySe paper's code runs it: the forward keeps each block's
+norm, the attention output and its softmax normalisers; the backward recomputes the QKV and
+gate/up projections block by block as the weight shards stream round again. Priced for comparison
+with the paper only (metp's; the engine does not run it)."""
+PRICED_RECOMPUTES = (*RECOMPUTE_MODES, PROJECTIONS)
+"""The recompute modes the cost model prices."""
 RECOMPUTED_ELEMENTWISE = {"none": 0.0, "selective": 0.4, "full": 1.0}
 """Share of the forward's memory-bound traffic a recompute mode runs again in the backward (the
-MLP half holds about 0.4 of it: a norm, SwiGLU, a residual add); the backward's own is ~2x."""
+MLP half holds about 0.4 of it: a norm, SwiGLU, a residual add); the backward's own is ~2x.
+`PROJECTIONS` reruns exactly RoPE and SwiGLU (`recomputed_elementwise`)."""
 COLUMN_SHARDED = ("qkv", "gate_up")
 """Projections whose stored shards split the output features (the others split the input)."""
 MLP_PROJECTIONS = ("gate_up", "down")
@@ -53,8 +64,10 @@ def check_config(shape, strategy: str, P: int, recompute: str = "none", inner=No
     """Raise ValueError, one line saying what to change, for a configuration the strategy
     library would refuse (the counts assume every split is exact)."""
     cost = strategy_cost(strategy)
-    if recompute not in RECOMPUTE_MODES:
+    if recompute not in PRICED_RECOMPUTES:
         raise ValueError(f"unknown recompute {recompute!r}; choose from {RECOMPUTE_MODES}")
+    if recompute == PROJECTIONS and cost.name != "metp":
+        raise ValueError(f"recompute {PROJECTIONS!r} is METP's own backward: metp only")
     if P < 1:
         raise ValueError(f"group size must be positive, got P={P}")
     cost.check(shape, P, inner)
@@ -199,12 +212,21 @@ def elementwise_bytes(m: LayerDims) -> float:
     """Forward bytes moved by memory-bound ops (a coarse count: each op reads and writes its
     tensors once): two norms, two residual adds, RoPE of Q and K, SwiGLU, and the strategy's
     own (layout copies, all-to-all staging, ring merges)."""
-    tl = m.tl
-    total = 2 * 6 * tl * m.H + 2 * 3 * tl * m.H  # norms (x^2, mean, scale, weight), adds
-    total += 8 * tl * (m.Q + m.K)  # RoPE: 2 products and a sum per half
-    total += 5 * tl * m.F  # silu, product
-    total *= m.e
-    return float(total + m.cost.elementwise_bytes(m))
+    norms_adds = 2 * 6 * m.tl * m.H + 2 * 3 * m.tl * m.H  # norms (x^2, mean, scale, weight), adds
+    return float(norms_adds * m.e + _rope_swiglu_bytes(m) + m.cost.elementwise_bytes(m))
+
+
+def _rope_swiglu_bytes(m: LayerDims) -> int:
+    """RoPE of Q and K (2 products and a sum per half) and SwiGLU (silu, product)."""
+    return (8 * m.tl * (m.Q + m.K) + 5 * m.tl * m.F) * m.e
+
+
+def recomputed_elementwise(m: LayerDims, recompute: str, forward: float) -> float:
+    """Bytes of memory-bound traffic the backward runs again: a share of the forward's
+    (`RECOMPUTED_ELEMENTWISE`), or for `PROJECTIONS` exactly its RoPE and SwiGLU."""
+    if recompute == PROJECTIONS:
+        return float(_rope_swiglu_bytes(m))
+    return RECOMPUTED_ELEMENTWISE[recompute] * forward
 
 
 def op_kernels(shape, m: LayerDims, padded: Sequence[int]) -> dict[str, list[Kernel]]:
@@ -263,12 +285,14 @@ def layer_counts(
                         max(padded, default=0), trainable=trainable)  # fmt: skip
     counts = LayerCounts(strategy, P, T, len(padded))
     fwd_kernels = op_kernels(shape, m, padded)
-    recomputed = {"none": (), "selective": MLP_PROJECTIONS, "full": tuple(fwd_kernels)}
+    recomputed = {"none": (), "selective": MLP_PROJECTIONS, "full": tuple(fwd_kernels),
+                  PROJECTIONS: COLUMN_SHARDED}  # fmt: skip
     add_kernels(counts, fwd_kernels, recomputed[recompute], trainable)
     bf, bb, mf, mb = layer_traffic(m, recompute)
     counts.bytes_forward, counts.bytes_backward = bf, bb
     counts.messages_forward, counts.messages_backward = mf, mb
     elementwise = elementwise_bytes(m)
     counts.elementwise_forward = elementwise
-    counts.elementwise_backward = (2 + RECOMPUTED_ELEMENTWISE[recompute]) * elementwise
+    again = recomputed_elementwise(m, recompute, elementwise)
+    counts.elementwise_backward = 2 * elementwise + again
     return counts

@@ -66,6 +66,12 @@ class Hardware:
     """Devices in one node."""
     source: str
     """Where the numbers come from: a short citation."""
+    launch_latency: float = 0.0
+    """Seconds a kernel call takes at least: the host's cost of launching it, which a kernel
+    shorter than that cannot hide (datasheet pricing only; a profile measures its own)."""
+    collective_latency: float = 0.0
+    """Fixed seconds of every collective call (p2p exchange steps included), on top of the link's
+    per-hop latency (datasheet pricing only)."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -74,9 +80,9 @@ class Hardware:
                 raise ValueError(f"Hardware.{key} must be a non-empty string")
         for key in ("memory_bytes", "devices_per_node"):
             set_(self, key, _positive(f"Hardware.{key}", getattr(self, key), integer=True))
-        set_(
-            self, "memory_bandwidth", _positive("Hardware.memory_bandwidth", self.memory_bandwidth)
-        )
+        for key in ("memory_bandwidth", "launch_latency", "collective_latency"):
+            zero_ok = key != "memory_bandwidth"
+            set_(self, key, _positive(f"Hardware.{key}", getattr(self, key), zero_ok=zero_ok))
         if not isinstance(self.peak_flops, Mapping) or not self.peak_flops:
             raise ValueError(
                 f"Hardware.peak_flops must be a non-empty dict, got {self.peak_flops!r}"
@@ -113,11 +119,13 @@ class Hardware:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Hardware:
-        """Build from `to_dict()` output; a missing, unknown or bad key is a one-line ValueError."""
+        """Build from `to_dict()` output; a missing, unknown or bad key is a one-line ValueError
+        (the latency terms may be missing, from a dict written before they existed: 0)."""
         if not isinstance(d, Mapping):
             raise ValueError(f"Hardware.from_dict needs a dict, got {type(d).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in d]
+        optional = ("launch_latency", "collective_latency")
+        missing = [n for n in names if n not in d and n not in optional]
         extra = sorted(str(k) for k in d if k not in names)
         if missing or extra:
             raise ValueError(f"Hardware.from_dict: missing keys {missing}, unknown keys {extra}")
@@ -144,7 +152,23 @@ def _gpu(
         zip(("bfloat16", "float16", "tf32", "float32", "float64"), flops[:1] + flops, strict=True)
     )
     note = "; link rates are theoretical, nccl-tests busbw is lower: profile to calibrate"
-    return Hardware(name, gb * 10**9, peak, hbm, Link(nv, 5e-6), Link(ib, 1e-5), 8, src + note)
+    return Hardware(
+        name, gb * 10**9, peak, hbm, Link(nv, _NCCL_NVLINK_STEP), Link(ib, _NCCL_NET_STEP), 8,
+        src + note + _LATENCY_SOURCE, launch_latency=_LAUNCH, collective_latency=_NCCL_CALL,
+    )  # fmt: skip
+
+
+# The latency terms of the GPU presets. NCCL's own cost model for a ring collective with the
+# Simple protocol (NVIDIA/nccl src/graph/tuning.cc at b6475625: baseLat 8.4 us, hwLat 3.4 us per
+# NVLink step and 14 us per network step); a kernel launch at 5 us, the low end of the 5-20 us
+# of host launch time HolisticTraceAnalysis's docs give (facebookresearch/HolisticTraceAnalysis,
+# docs/source/features/cuda_kernel_launch_stats.rst).
+_NCCL_CALL, _NCCL_NVLINK_STEP, _NCCL_NET_STEP, _LAUNCH = 8.4e-6, 3.4e-6, 14e-6, 5e-6
+_LATENCY_SOURCE = (
+    "; latencies: NCCL's ring/Simple cost model (src/graph/tuning.cc: 8.4 us a call, 3.4 us an"
+    " NVLink step, 14 us a network step), 5 us a kernel launch (HolisticTraceAnalysis docs: 5-20"
+    " us, the low end)"
+)
 
 
 _H100 = (989e12, 494e12, 67e12, 67e12)

@@ -40,6 +40,15 @@ class LayerDims:
     rs_copy: bool  # the backend copies a reduce-scatter's input (gloo)
     trainable: bool = True
     """False: a frozen layer (no weight gradients): a linear keeps no input, a norm no x_hat."""
+    weights_free: bool = False
+    """Replay the layer as if gathered or streamed weights and their gradient buffers took no
+    memory: the difference is what they add to its peak (`cost_models.layer_memory`)."""
+
+    @property
+    def w(self) -> int:
+        """Bytes per element of a weight or weight-gradient buffer in the replay (0 when
+        `weights_free`)."""
+        return 0 if self.weights_free else self.e
 
     @property
     def strategy(self) -> str:
@@ -176,6 +185,9 @@ def saved_bytes(m: LayerDims, recompute: str) -> int:
     x = m.tl * m.H * m.e
     if recompute == "full":
         return x
+    if recompute == "projections":  # METP's own: both norms, the attention output, its LSE
+        kept = 2 * m.norm_saved + m.tl * m.Q * m.e + m.tl * (m.Q // m.d) * m.a
+        return kept + (x if m.e != 4 else 0)  # float32: the norm's input copy is x itself
     if recompute == "selective":
         return attention_saved(m) + x  # the MLP keeps only its input h
     return attention_saved(m) + mlp_saved(m)

@@ -5,7 +5,7 @@ each strategy allocates and frees (`replay`). Pure Python."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .counts import check_config
 from .layer_dims import layer_dims, saved_bytes
@@ -46,18 +46,23 @@ def layer_memory(
     inner: int | None = None,
     reduce_scatter_copy: bool = False,
     trainable: bool = True,
+    weights_free: bool = False,
 ) -> LayerMemory:
     """Saved, forward-peak and backward-peak bytes of one layer on one rank.
 
     seq_lens: unpadded lengths (padded to multiples of 2P as the layout does).
     reduce_scatter_copy: the backend copies a reduce-scatter's input (gloo does; nccl not).
-    trainable False: a frozen layer (no weight gradients, fewer saved tensors)."""
+    trainable False: a frozen layer (no weight gradients, fewer saved tensors).
+    weights_free: the peaks as if gathered or streamed weights and their gradient buffers took no
+    memory (the difference from the real peaks is what they add)."""
     check_config(shape, strategy, P, recompute, inner)
     m = layer_dims(shape, strategy, seq_lens, P, dtype, inner, reduce_scatter_copy, trainable)
+    m = replace(m, weights_free=weights_free)
     # one rank gathers, circulates and reduces nothing: every strategy runs the local layer
     replayed = m
     if P == 1:
         replayed = layer_dims(shape, "local", seq_lens, 1, dtype, None, False, trainable)
+        replayed = replace(replayed, weights_free=weights_free)
     forward_peak, backward_peak = Replay(replayed).run(recompute)
     return LayerMemory(
         saved=saved_bytes(m, recompute),

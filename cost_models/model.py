@@ -17,7 +17,10 @@ __all__ = ["Cost", "StepCost", "CostModel", "DATASHEET_EFFICIENCY"]
 
 DATASHEET_EFFICIENCY = {"matmul": 0.7, "attention_forward": 0.5, "attention_backward": 0.4}
 """Fractions of the datasheet peak assumed without a profile (typical of large GEMMs and of
-flash attention on A100/H100); a profile replaces them with measured rates."""
+flash attention on A100/H100); a profile replaces them with measured rates. Without a profile a
+matmul or attention call also takes at least the hardware's `launch_latency`, and a collective
+call its `collective_latency` beyond the per-hop latency; memory-bound kernels are priced by
+their bytes only (their launches are not counted)."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ class CostModel:
         self.hardware, self.profile = hardware, profile
 
     # ------------------------------------------------------------------ rates
-    def _kernel_seconds(self, k: Kernel, direction: str, dtype) -> float:
+    def kernel_seconds(self, k: Kernel, direction: str, dtype) -> float:
+        """Seconds of `k.count` calls of one kernel ('forward' or 'backward' curves)."""
         if self.profile is not None:
             if k.kind == "matmul":
                 curve = self.profile.matmul
@@ -69,7 +73,15 @@ class CostModel:
             return k.count * curve(k.flops)
         name = "matmul" if k.kind == "matmul" else f"attention_{direction}"
         rate = self.hardware.flops(dtype) * DATASHEET_EFFICIENCY[name]
-        return k.count * k.flops / rate
+        return k.count * max(k.flops / rate, self.hardware.launch_latency)
+
+    @property
+    def reduce_scatter_copy(self) -> bool:
+        """The backend copies a reduce-scatter's input: the profile's backend, else gloo's on the
+        CPU preset (nccl does not)."""
+        if self.profile is not None:
+            return self.profile.reduce_scatter_copy
+        return self.hardware.name.startswith("cpu")
 
     def _elementwise_seconds(self, nbytes: float) -> float:
         if self.profile is not None:
@@ -81,7 +93,8 @@ class CostModel:
             return self.profile.collective(kind, group_size)
         link = self.hardware.link(group_size, nodes_spanned)
         hops = 1 if kind == "p2p" else group_size - 1  # ring algorithms: P-1 latency steps
-        return LinkFit(alpha=hops * link.latency, beta=link.bandwidth)
+        alpha = self.hardware.collective_latency + hops * link.latency
+        return LinkFit(alpha=alpha, beta=link.bandwidth)
 
     def collective_seconds(
         self, kind: str, group_size: int, nbytes: float, calls: int, nodes_spanned: int = 1
@@ -147,11 +160,7 @@ class CostModel:
         if self.profile is not None:
             self.profile.check_matches(dtype=dtype_name(dtype))
         kw = {"dtype": dtype, "recompute": recompute, "inner": inner, "trainable": trainable}
-        rs_copy = (
-            self.profile.reduce_scatter_copy
-            if self.profile is not None
-            else self.hardware.name.startswith("cpu")
-        )
+        rs_copy = self.reduce_scatter_copy
         if moe is None:
             counts = layer_counts(shape, strategy, seq_lens, P, **kw)
             memory = layer_memory(shape, strategy, seq_lens, P, reduce_scatter_copy=rs_copy, **kw)
@@ -175,9 +184,9 @@ class CostModel:
             if direction == "backward":  # recomputation runs forward kernels
                 priced += [(k, "forward") for k in counts.kernels_recomputed]
             attention = sum(
-                self._kernel_seconds(k, d, dtype) for k, d in priced if k.kind == "attention"
+                self.kernel_seconds(k, d, dtype) for k, d in priced if k.kind == "attention"
             )
-            matmul = sum(self._kernel_seconds(k, d, dtype) for k, d in priced if k.kind == "matmul")
+            matmul = sum(self.kernel_seconds(k, d, dtype) for k, d in priced if k.kind == "matmul")
             other = self._elementwise_seconds(elementwise)
             comm = self._traffic_seconds(*traffic, sizes, P, nodes_spanned)
             p2p = comm.pop("p2p", 0.0)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from .counts import (
     MLP_PROJECTIONS,
+    RECOMPUTE_MODES,
     RECOMPUTED_ELEMENTWISE,
     Kernel,
     LayerCounts,
@@ -135,6 +136,8 @@ class MoeLoads:
 def check_moe(shape, moe, strategy: str, P: int, recompute: str = "none", inner=None) -> None:
     """ValueError, one line, for a MoE layer the strategy library cannot run on P ranks."""
     check_config(shape, strategy, P, recompute, inner)
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute {recompute!r}: a MoE layer has {RECOMPUTE_MODES} only")
     if moe.experts % P:
         raise ValueError(f"{strategy}: experts ({moe.experts}) is not divisible by P={P}")
     if moe.shared_ffn_hidden % P:

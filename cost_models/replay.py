@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .counts import COLUMN_SHARDED
 from .layer_dims import LayerDims
+from .replay_streamed import streamed_peaks
 
 __all__ = ["Replay", "Tape"]
 
@@ -203,27 +204,29 @@ class Replay:
         dQ, dK, dV left live. Per group: a float32 dQ sum, the K/V stack and its receive buffer,
         dK/dV sums in flight both ways, and one ring step's row copies and block gradients
         (worst case: half the queries against all keys)."""
-        m, t, e = self.m, self.tape, self.m.e
-        groups = m.head_groups
-        qg, kvg, acc = q // groups, kv // groups, m.a / e
-        chunk = m.longest // m.c  # the longest sequence's rows on this rank
-        left = 0
-        for _ in range(groups):
-            dq = t.alloc(qg * acc)
-            buffers = t.alloc(2 * kvg, 2 * kvg)
-            step = 3 * qg // 2 + qg // 2 + 2 * kvg  # dout, q, out halves; block gradients
-            t.temp(2 * 2 * kvg * acc, step, m.flash_workspace(chunk // 2, chunk, groups))
-            t.free(buffers)
-            dkv = t.alloc(2 * kvg * acc)
-            if acc != 1:  # cast back to the compute dtype
-                t.alloc(qg + 2 * kvg)
-                t.free(dq, dkv)
-                left += qg + 2 * kvg
-            else:
-                left += dq + dkv
+        groups = self.m.head_groups
+        left = sum(self.ring_group_backward(q // groups, kv // groups) for _ in range(groups))
         if groups > 1:  # each group's gradients widened to all heads and summed
-            t.temp(q + 2 * kv)
+            self.tape.temp(q + 2 * kv)
         return int(left)
+
+    def ring_group_backward(self, qg: int, kvg: int) -> float:
+        """One head group's ring backward (Q of qg bytes, K and V of kvg each); returns the bytes
+        of its dQ, dK, dV, left live."""
+        m, t = self.m, self.tape
+        groups, acc = m.head_groups, m.a / m.e
+        chunk = m.longest // m.c  # the longest sequence's rows on this rank
+        dq = t.alloc(qg * acc)
+        buffers = t.alloc(2 * kvg, 2 * kvg)
+        step = 3 * qg // 2 + qg // 2 + 2 * kvg  # dout, q, out halves; block gradients
+        t.temp(2 * 2 * kvg * acc, step, m.flash_workspace(chunk // 2, chunk, groups))
+        t.free(buffers)
+        dkv = t.alloc(2 * kvg * acc)
+        if acc == 1:
+            return dq + dkv
+        t.alloc(qg + 2 * kvg)  # cast back to the compute dtype
+        t.free(dq, dkv)
+        return qg + 2 * kvg
 
     # -------------------------------------------------------------- the layer
     def attention_block(self, keep: bool) -> None:
@@ -289,6 +292,8 @@ class Replay:
 
     def run(self, recompute: str) -> tuple[int, int]:
         """(forward peak, backward peak)."""
+        if recompute == "projections":
+            return streamed_peaks(self)
         m, t = self.m, self.tape
         H, F, unit = m.H, m.F, self.unit
         self.saving = recompute != "full"

@@ -173,11 +173,15 @@ class PlanningSetup:
         m = self.model
         return self.static.total + vocab_transient_bytes(m.vocab, m.hidden, self.dtype)
 
-    def planner(self, method: str | Method = "exact", hysteresis: float = HYSTERESIS) -> Planner:
+    def planner(
+        self, method: str | Method = "exact", hysteresis: float = HYSTERESIS,
+        budget_bytes: float | None = None,
+    ) -> Planner:  # fmt: skip
         """A planner of `method` over the shared cost tables (ValueError, one line, for a static
-        method naming no option of the setup)."""
+        method naming no option of the setup); `budget_bytes` replaces the setup's budget."""
         return Planner(
-            self.costs, self.budget, static_bytes=self.static_bytes,
+            self.costs, self.budget if budget_bytes is None else float(budget_bytes),
+            static_bytes=self.static_bytes,
             offloadable_bytes=self._per_layer("layer_moments"),
             frozen_bytes=self._per_layer("layer_gradients"),
             method=method, hysteresis=hysteresis, group_size=self.group_size,

@@ -14,7 +14,9 @@ every layer (static:ring picks ring's fastest recompute mode that fits; static:r
 fixes it; static:usp2x2 fixes usp's split; static:g1:local runs every micro-batch on sub-groups of
 one rank)."""
 
-_LABEL = re.compile(r"^(?:g(\d+):)?([a-z_]+?)(\d+x\d+)?(?:\+(none|selective|full))?$")
+_LABEL = re.compile(
+    r"^(?:g(\d+):)?([a-z_]+?)(\d+x\d+)?(?:\+(none|selective|full|projections))?$"
+)  # projections: METP's own backward, priced for comparison with the paper only
 
 
 def _match(label: str) -> re.Match:

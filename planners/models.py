@@ -65,6 +65,21 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
         "GPT-3 175B width and heads, 8 of its 96 layers as in the paper; SwiGLU at 4h GELU's"
         " parameter count",
     ),
+    # The ParaDySe paper's own shapes (its public code: fused QKV, so multi-head attention with no
+    # GQA, a 4h GELU MLP, TransformerConfig's default vocabulary of 50,000), in our layer
+    "paper-bert": ModelSpec(
+        "paper-bert", 1024, 16, 16, 64, swiglu_width(1024), 24, 50000,
+        "the paper's BERT: 24 layers, H=1024, 16 heads; SwiGLU at its GELU MLP's parameter count",
+    ),
+    "paper-llama-70b": ModelSpec(
+        "paper-llama-70b", 8192, 64, 64, 128, swiglu_width(8192), 8, 50000,
+        "the paper's LLaMA-70B shape: 8 of 80 layers, H=8192, 64 heads without GQA, a 4h MLP's"
+        " parameters",
+    ),
+    "paper-gpt3-175b": ModelSpec(
+        "paper-gpt3-175b", 12288, 96, 96, 128, swiglu_width(12288), 8, 50000,
+        "the paper's GPT-3-175B shape: 8 of 96 layers, H=12288, 96 heads, a 4h MLP's parameters",
+    ),
     "cpu-tiny": ModelSpec(
         "cpu-tiny", 256, 8, 4, 32, 704, 4, 256,
         "the CPU test model: byte-level vocabulary",

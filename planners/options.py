@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cost_models import RECOMPUTE_MODES, STRATEGIES, logits_bytes
-from cost_models.counts import check_config, pad_length
+from cost_models.counts import PRICED_RECOMPUTES, check_config, pad_length
 from cost_models.group_size import assign_sequences, group_layer_cost, sequence_costs
 
 __all__ = ["Option", "LayerCosts", "CostTables", "enumerate_options", "config_supports"]
@@ -72,11 +72,13 @@ def enumerate_options(
     """Every option `supports` allows, in a fixed order (strategies as given, usp once per split
     u x c with u, c >= 2, then recompute modes), then, for each sub-group size g < P in
     `group_sizes`, the strategies that run on g ranks (usp not: a sub-group has no 2-D
-    factorisation). ValueError, one line with the reasons, if none on the whole group."""
+    factorisation). ValueError, one line with the reasons, if none on the whole group. The
+    default recompute modes are the engine's (`cost_models.RECOMPUTE_MODES`); METP's own
+    `projections` is priced when asked for (`cost_models.counts.PRICED_RECOMPUTES`)."""
     strategies = tuple(strategies or STRATEGIES)
     recomputes = tuple(recomputes or RECOMPUTE_MODES)
     for name, given, known in (("strategy", strategies, STRATEGIES),
-                               ("recompute mode", recomputes, RECOMPUTE_MODES)):  # fmt: skip
+                               ("recompute mode", recomputes, PRICED_RECOMPUTES)):  # fmt: skip
         unknown = [x for x in given if x not in known]
         if unknown:
             raise ValueError(f"unknown {name} {unknown[0]!r}; choose from {', '.join(known)}")

@@ -3,13 +3,14 @@ strategy, the step's memory rule, profiled curves, and the profile file's errors
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 
 from cost_models.counts import layer_counts
-from cost_models.hardware import get_preset
+from cost_models.hardware import Link, get_preset
 from cost_models.model import Cost, CostModel
 from cost_models.profile_data import Curve, LinkFit, Profile, ProfileError
 from parallel_lib import LayerShape
@@ -18,9 +19,14 @@ SHAPE = LayerShape(hidden=64, heads=8, kv_heads=4, head_dim=16, ffn_hidden=128)
 P = 4
 LENGTHS = {"short": [5, 20], "long": [5, 20, 32_000]}
 """short: communication latency dominates; long: attention dominates every phase."""
-A100 = get_preset("a100-80g-nvlink")
 PEAK = {"float32": 19.5e12, "bfloat16": 312e12}
 HBM, NVLINK, LATENCY = 2.039e12, 300e9, 5e-6
+A100 = dataclasses.replace(
+    get_preset("a100-80g-nvlink"), intra_node=Link(NVLINK, LATENCY), launch_latency=0.0,
+    collective_latency=0.0,
+)  # fmt: skip
+"""The preset's rates with one latency per hop: the hand times below check the FLOP, byte and
+hop terms; the preset's launch and per-call latencies have a test of their own."""
 
 
 def hand_times(strategy: str, recompute: str, dtype: str, lens: list[int]) -> tuple[float, float]:
@@ -110,6 +116,25 @@ def test_datasheet_layer_cost_by_hand(strategy: str, recompute: str, dtype: str,
     forward, backward = hand_times(strategy, recompute, dtype, lens)
     assert cost.forward_s == pytest.approx(forward, rel=1e-9)
     assert cost.backward_s == pytest.approx(backward, rel=1e-9)
+
+
+def test_launch_and_call_latencies_by_hand() -> None:
+    """The preset's latency terms on a batch too short to hide them: tp_sp's forward runs four
+    matmuls and one attention call per sequence, every one shorter than a launch (5 us), and four
+    collectives over P = 4 (8.4 us a call + 3 hops x 3.4 us on NVLink)."""
+    preset = get_preset("a100-80g-nvlink")
+    assert (preset.launch_latency, preset.collective_latency) == (5e-6, 8.4e-6)
+    assert preset.intra_node.latency == 3.4e-6 and preset.inter_node.latency == 14e-6
+    lens = LENGTHS["short"]
+    counts = layer_counts(SHAPE, "tp_sp", lens, P, dtype="bfloat16")
+    assert [k.count for k in counts.kernels_forward] == [1, 1, 1, 1, 1, 1]  # 4 matmuls, 2 seqs
+    assert all(k.flops / (PEAK["bfloat16"] * 0.5) < 5e-6 for k in counts.kernels_forward)
+    T = sum(-(-n // 8) * 8 for n in lens)
+    volume = (P - 1) * (T // P) * 64 * 2  # bytes of one activation all-gather or reduce-scatter
+    collectives = 4 * (8.4e-6 + 3 * 3.4e-6) + 4 * volume / NVLINK
+    want = 6 * 5e-6 + counts.elementwise_forward / HBM + collectives
+    cost = CostModel(preset).layer_cost(SHAPE, "tp_sp", "none", lens, P, dtype="bfloat16")
+    assert cost.forward_s == pytest.approx(want, rel=1e-9)
 
 
 def test_full_recompute_costs_one_more_forward() -> None:

@@ -29,5 +29,5 @@ class LocalCost(StrategyCost):
         return tape.alloc(m.T * o * m.e)
 
     def replay_linear_backward(self, tape, m, column, i, o, kept):
-        tape.temp(i * o * m.e if m.trainable else 0)  # the weight gradient
+        tape.temp(i * o * m.w if m.trainable else 0)  # the weight gradient
         tape.alloc(m.T * i * m.e)

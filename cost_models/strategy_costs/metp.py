@@ -85,7 +85,7 @@ class MetpCost(StrategyCost):
         e = m.e
         acc = 0 if column or m.a == e else m.tl * o * m.a
         tape.alloc(acc)
-        tape.temp(2 * i * o // m.P * e, m.tl * (o // m.P if column else o) * e)
+        tape.temp(2 * i * o // m.P * m.w, m.tl * (o // m.P if column else o) * e)
         out = tape.alloc(m.tl * o * e)
         tape.free(acc)
         return out
@@ -98,7 +98,7 @@ class MetpCost(StrategyCost):
         acc = m.tl * i * m.a
         tape.alloc(acc)
         shards = 5 if m.trainable else 2
-        tape.temp(shards * i * o // m.P * e, m.tl * (i if column else i // m.P) * e)
+        tape.temp(shards * i * o // m.P * m.w, m.tl * (i if column else i // m.P) * e)
         if m.a != e:
             tape.alloc(m.tl * i * e)
             tape.free(acc)

@@ -77,14 +77,14 @@ class TensorSequenceParallelCost(StrategyCost):
         e = m.e
         if column:  # a frozen weight gathers no input again and makes no weight gradient
             gathered = 0 if kept or not m.trainable else tape.alloc(m.T * i * e)
-            weight_grad = tape.alloc(i * o // m.P * e) if m.trainable else 0
+            weight_grad = tape.alloc(i * o // m.P * m.w) if m.trainable else 0
             partial = tape.alloc(m.T * i * e)
             tape.alloc(m.tl * i * e)
             tape.temp(partial if m.rs_copy else 0)
             tape.free(partial, gathered, weight_grad)
         else:
             gathered_grad = tape.alloc(m.T * o * e)
-            weight_grad = tape.alloc(i // m.P * o * e) if m.trainable else 0
+            weight_grad = tape.alloc(i // m.P * o * m.w) if m.trainable else 0
             tape.alloc(m.T * i // m.P * e)
             tape.free(gathered_grad, weight_grad)
 

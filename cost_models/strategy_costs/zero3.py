@@ -80,7 +80,7 @@ class Zero3Cost(StrategyCost):
         return m.P // m.u
 
     def replay_linear_forward(self, tape, m, column, i, o, keep):
-        weight = tape.alloc(i * o * m.e)
+        weight = tape.alloc(i * o * m.w)
         out = tape.alloc(m.tl * o * m.e)
         if not keep:
             tape.free(weight)
@@ -88,20 +88,20 @@ class Zero3Cost(StrategyCost):
 
     def replay_linear_backward(self, tape, m, column, i, o, kept):
         e = m.e
-        weight = 0 if kept else tape.alloc(i * o * e)
+        weight = 0 if kept else tape.alloc(i * o * m.w)
         tape.alloc(m.tl * i * e)
         if m.trainable:
-            full_grad = tape.alloc(i * o * e)
-            shard = tape.alloc(i * o // m.P * e)  # the weight gradient's reduce-scattered shard
+            full_grad = tape.alloc(i * o * m.w)
+            shard = tape.alloc(i * o // m.P * m.w)  # the weight gradient's reduce-scattered shard
             tape.temp(full_grad if m.rs_copy else 0)
             tape.free(full_grad, shard)
         tape.free(weight)
 
     def kept_operand(self, m, column, i, o):
-        return i * o * m.e
+        return i * o * m.w
 
     def replay_last_recomputed(self, tape, m, i, o):
-        tape.alloc(i * o * m.e)  # the gathered weight is kept, the product never made
+        tape.alloc(i * o * m.w)  # the gathered weight is kept, the product never made
 
 
 class UlyssesCost(Zero3Cost):
