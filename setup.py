@@ -12,6 +12,10 @@ HF = [
     "accelerate>=1.0",
 ]
 
+# megatron-core's own modules inside ParaDySe's attention (integrations.megatron): pure Python,
+# pulls only numpy and packaging; psutil is what its dist_checkpointing imports undeclared.
+MEGATRON = ["megatron-core==0.16.1", "psutil"]
+
 setup(
     name="paradyse",
     version="0.1.0",
@@ -34,6 +38,7 @@ setup(
         "integrations.hf",
         "integrations.grass",
         "integrations.alloc_moe",
+        "integrations.megatron",
     ],
     # torch is pinned by constraints.txt in `make setup`; a bare `torch` here would let pip pull a
     # multi-GB CUDA build on machines where the CPU wheel is the one wanted.
@@ -44,7 +49,11 @@ setup(
         "hf": HF,
         # problems with answer checkers for the fine-tuning example (integrations.hf.tasks)
         "tasks": ["reasoning-gym==0.1.25"],
-        "test": ["pytest>=8", "ruff>=0.6", *HF, "reasoning-gym==0.1.25"],
+        # megatron-core models with ParaDySe's attention (integrations.megatron)
+        "megatron": MEGATRON,
+        # megatron-core is small and pure Python: CI runs the integration's tests too (they skip
+        # where it is absent, and nothing else needs it)
+        "test": ["pytest>=8", "ruff>=0.6", *HF, "reasoning-gym==0.1.25", *MEGATRON],
         "gpu": ["nvidia-ml-py"],
     },
 )
