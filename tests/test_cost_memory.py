@@ -24,6 +24,11 @@ PEAK_UNDER, PEAK_OVER = 0.08, 0.15
 understate one only by what gloo's worker threads sometimes hold a moment past the code's last
 use (a ring K/V message or a gathered weight: up to 6% of these small test peaks, depending on
 timing)."""
+GLOO_HELD_BYTES = 48 << 10
+"""Since gloo's collectives run as one all-to-all round (`parallel_lib.comm`), its threads may
+hold a whole round's P blocks a moment past the last use: measured up to 43 KiB (11% of the
+smallest case's 430 KiB peak, "short" on 4 ranks, ulysses and usp, in full-suite runs; the same
+cases alone measured within PEAK_UNDER). An understated peak passes within this or PEAK_UNDER."""
 LENGTHS = {"short": uneven_lengths(4), "300": [3, 130, 170], "1500": [700, 500, 250, 50]}
 CASES = (
     [(4, n, k, "float32", True) for n in supported(4) for k in LENGTHS]
@@ -84,9 +89,12 @@ def _measure(layer, x, dy, batch, name: str, rc: str) -> tuple[int, int]:
 ALL_CASES = CASES + FROZEN_CASES
 
 
-SLOW_CASES = {case for case in FROZEN_CASES if case[0] == 4 and case[2] == "1500"}
-"""The frozen 1,500-token layers on 4 ranks (the longest cases; frozen P=4 is also checked at 300
-tokens in bfloat16): `pytest -m slow tests/test_cost_memory.py`."""
+SLOW_CASES = {
+    case for case in FROZEN_CASES
+    if case[0] == 4 and (case[2] == "1500" or (case[3] == "bfloat16" and case[1] != "tp_sp"))
+}  # fmt: skip
+"""Frozen layers on 4 ranks but tp_sp in bfloat16 (make test's time: every strategy's frozen
+layer is checked on 2 ranks, and tp_sp's on 4): `pytest -m slow tests/test_cost_memory.py`."""
 
 
 @pytest.mark.parametrize(
@@ -112,7 +120,7 @@ def test_saved_and_peak_match_mem_tracker(
             # a frozen layer's peak is its attention backward, whose ring steps differ by rank:
             # the model is the most loaded rank's (what a plan must fit)
             most = peak if trainable else max(r[i][2] for r in ranks)
-            if not ((model_peak - peak) / peak >= -PEAK_UNDER and
+            if not ((model_peak - peak) >= -max(PEAK_UNDER * peak, GLOO_HELD_BYTES) and
                     (model_peak - most) / most <= PEAK_OVER):  # fmt: skip
                 off["peak"].append(f"{what}: peak {peak} B (ranks' most {most} B), model "
                                    f"{model_peak} B")  # fmt: skip

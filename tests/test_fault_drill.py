@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from .harness import REPO_ROOT
 from .test_train_cli import TINY_FLAGS
 
@@ -31,6 +33,7 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # a torchrun job killed and restarted, 26 s: run it with -m slow
 def test_killed_rank_resumes_from_the_last_checkpoint(tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight.jsonl"
