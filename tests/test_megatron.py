@@ -28,8 +28,8 @@ pytest.importorskip("megatron.core", reason=REASON)
 
 from cost_models import get_preset  # noqa: E402
 from integrations.megatron import StrategyChooser  # noqa: E402
-from integrations.megatron.planning import _Shape  # noqa: E402
 from parallel_lib import CommGroup  # noqa: E402
+from planners.models import ModelSpec  # noqa: E402
 
 from . import megatron_cases as cases  # noqa: E402
 from .harness import REPO_ROOT, run_distributed  # noqa: E402
@@ -74,18 +74,18 @@ def test_planner_choice_depends_on_the_lengths() -> None:
     """CPU rates, one rank's layer shape: many short sequences favour the all-to-all (no ring
     steps to wait for), long ones the ring (its K/V travel under the attention)."""
     chooser = StrategyChooser(hardware=get_preset("cpu"))
-    mha = _Shape(hidden=32, heads=4, kv_heads=4, head_dim=8, ffn_hidden=64, layers=2)
+    mha = ModelSpec("t", 32, 4, 4, 8, 64, 2, 1)
     two = CommGroup(pg=object(), ranks=(0, 1), rank=0)  # planning never communicates
     assert chooser.choose(mha, two, [4] * 64, 0).strategy == "ulysses"
     assert chooser.choose(mha, two, [64, 120], 0).strategy == "ring"
     assert chooser.counts == {"ulysses": 1, "ring": 1}
     # a key/value head per rank cannot be split over 2: ring is the only option
-    one_kv = _Shape(hidden=32, heads=4, kv_heads=1, head_dim=8, ffn_hidden=64, layers=2)
+    one_kv = ModelSpec("t", 32, 4, 1, 8, 64, 2, 1)
     assert chooser.choose(one_kv, two, [4] * 64, 0).strategy == "ring"
     # four ranks with usp's groups: Ulysses inside pairs, ring across, for a mid mix
     four = CommGroup(pg=object(), ranks=(0, 1, 2, 3), rank=0)
     object.__setattr__(four, "factors", {2: (four, four)})
-    shape = _Shape(hidden=4096, heads=4, kv_heads=4, head_dim=128, ffn_hidden=1376, layers=4)
+    shape = ModelSpec("t", 4096, 4, 4, 128, 1376, 4, 1)
     picks = {chooser.choose(shape, four, lens, 0).name
              for lens in ([128] * 8, [512] * 4, [8192], [64] * 64)}  # fmt: skip
     assert len(picks) >= 2, picks

@@ -31,9 +31,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from parallel_lib import CommGroup, ZigzagLayout, all_to_all, ring_attention, varlen_attention
+from planners.models import ModelSpec
 
 from .groups import cp_comm_group
-from .planning import CP_COMM_TYPES, Choice, StrategyChooser, _Shape, heads_allow
+from .planning import CP_COMM_TYPES, Choice, StrategyChooser, heads_allow
 
 __all__ = ["ParaDySeCoreAttention", "cp_attention"]
 
@@ -159,10 +160,10 @@ class ParaDySeCoreAttention(MegatronModule):
         self.forced = CP_COMM_TYPES.get(cp_comm_type) if cp_comm_type else None
         self.chooser = chooser if chooser is not None else StrategyChooser()
         self.backend = backend
-        self._shape = _Shape(
-            hidden=config.hidden_size, heads=self.heads, kv_heads=self.kv_heads,
-            head_dim=self.head_dim, ffn_hidden=max(1, (config.ffn_hidden_size or 1) // tp),
-            layers=config.num_layers,
+        self._shape = ModelSpec(
+            "megatron-core attention", hidden=config.hidden_size, heads=self.heads,
+            kv_heads=self.kv_heads, head_dim=self.head_dim, layers=config.num_layers, vocab=1,
+            ffn_hidden=max(1, (config.ffn_hidden_size or 1) // tp),
         )  # fmt: skip
         self.last_choice: Choice | None = None
         """The choice of the last forward (for logs and tests)."""

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cost_models import Hardware, Profile, detect
 from parallel_lib import CommGroup
 from planners import Option, PlanningSetup
+from planners.models import ModelSpec
 
 __all__ = ["CP_COMM_TYPES", "Choice", "StrategyChooser"]
 
@@ -47,19 +48,6 @@ class Choice:
     @property
     def name(self) -> str:
         return self.strategy if self.strategy != "usp" else f"usp{self.inner}"
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """One rank's layer for the cost model (`planners.PlanningSetup`'s model)."""
-
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn_hidden: int
-    layers: int
-    vocab: int = 1
 
 
 def heads_allow(strategy: str, heads: int, kv_heads: int, P: int, inner: int | None) -> str:
@@ -101,7 +89,7 @@ class StrategyChooser:
         self.counts: Counter[str] = Counter()
         """How often each choice was made (by `Choice.name`), every layer and call counted."""
 
-    def planner(self, shape: _Shape, group: CommGroup, dtype: str):
+    def planner(self, shape: ModelSpec, group: CommGroup, dtype: str):
         """The planner of this shape on this cp group (built once)."""
         P = group.size
         key = (shape, P, tuple(sorted(group.factors)), dtype)
@@ -132,7 +120,7 @@ class StrategyChooser:
         return planner
 
     def choose(
-        self, shape: _Shape, group: CommGroup, padded_lens, layer: int, dtype: str = "float32"
+        self, shape: ModelSpec, group: CommGroup, padded_lens, layer: int, dtype: str = "float32"
     ) -> Choice:
         """The choice for layer `layer` (0-based) of a micro-batch of these padded lengths."""
         P = group.size
@@ -145,7 +133,7 @@ class StrategyChooser:
             choice = Choice("ring", 1)
         else:
             ffn = -(-shape.ffn_hidden // P) * P  # the MLP costs the same under every option
-            priced = _Shape(**{**shape.__dict__, "ffn_hidden": ffn})
+            priced = replace(shape, ffn_hidden=ffn)
             plan = self.planner(priced, group, dtype).plan(list(padded_lens))
             option = plan.options[min(layer, len(plan.options) - 1)]
             inner = {"ring": 1, "ulysses": P}.get(option.strategy, option.inner)
