@@ -24,7 +24,8 @@ from .model import Cost, CostModel
 from .units import itemsize
 
 __all__ = [
-    "assign_sequences", "calibration_key", "sequence_costs", "gather_traffic", "group_layer_cost"
+    "assign_sequences", "calibration_key", "runs_on_sub_groups", "sequence_costs",
+    "gather_traffic", "group_layer_cost",
 ]  # fmt: skip
 
 
@@ -83,6 +84,13 @@ def gather_traffic(shape, P: int, g: int, dtype, recompute: str, trainable: bool
     if trainable:  # the gathered gradients' reduce-scatter: (u - 1)/u of u n bytes
         backward["reduce_scatter"] = (sent["attention"] + sent["mlp"], 2)
     return forward, backward
+
+
+def runs_on_sub_groups(strategy: str, g: int) -> bool:
+    """Whether `strategy` is offered on sub-groups of g ranks (where its shape allows): `local`
+    alone at g = 1, every other strategy but usp above (a sub-group has no 2-D split). The
+    planner's options, the profiler's calibration and the validation all follow it."""
+    return strategy != "usp" and (g == 1) == (strategy == "local")
 
 
 def calibration_key(strategy: str, g: int) -> str:

@@ -26,7 +26,7 @@ from parallel_lib import (
 )
 
 from .counts import STRATEGIES, dtype_name
-from .group_size import calibration_key, group_layer_cost
+from .group_size import calibration_key, group_layer_cost, runs_on_sub_groups
 
 __all__ = ["calibrate_sub_groups"]
 
@@ -47,8 +47,8 @@ def calibrate_sub_groups(mesh, shape, dtype, profile, lengths, raw, step_times, 
             points.append((lens, layout, x.requires_grad_(), torch.randn_like(x)))
         for name in STRATEGIES:
             strategy = get_strategy(name)
-            if name == "usp" or (g == 1) != (name == "local") or not strategy.supports(shape, g)[0]:
-                continue  # what the planner offers on sub-groups (`planners.enumerate_options`)
+            if not (runs_on_sub_groups(name, g) and strategy.supports(shape, g)[0]):
+                continue  # what the planner offers on sub-groups
             rows = []
             for recompute in RECOMPUTE_MODES:
                 for lens, layout, x, dy in points:

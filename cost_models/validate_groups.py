@@ -26,7 +26,7 @@ from parallel_lib import (
 )
 
 from .counts import dtype_name
-from .group_size import assign_sequences, group_layer_cost, sequence_costs
+from .group_size import assign_sequences, group_layer_cost, runs_on_sub_groups, sequence_costs
 from .profile import step_times
 from .validate_cells import Cell, batch_lengths, largest, measured_peak, predicted_peak
 
@@ -35,10 +35,7 @@ __all__ = ["sub_group_strategies", "validate_sub_groups"]
 
 def sub_group_strategies(shape, names, g: int) -> list[str]:
     """The strategies of `names` the planner offers on sub-groups of g ranks."""
-    return [
-        n for n in names
-        if n != "usp" and (g == 1) == (n == "local") and get_strategy(n).supports(shape, g)[0]
-    ]  # fmt: skip
+    return [n for n in names if runs_on_sub_groups(n, g) and get_strategy(n).supports(shape, g)[0]]
 
 
 def validate_sub_groups(

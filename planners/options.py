@@ -16,7 +16,12 @@ import numpy as np
 
 from cost_models import RECOMPUTE_MODES, STRATEGIES, logits_bytes
 from cost_models.counts import PRICED_RECOMPUTES, check_config, pad_length
-from cost_models.group_size import assign_sequences, group_layer_cost, sequence_costs
+from cost_models.group_size import (
+    assign_sequences,
+    group_layer_cost,
+    runs_on_sub_groups,
+    sequence_costs,
+)
 
 __all__ = ["Option", "LayerCosts", "CostTables", "enumerate_options", "config_supports"]
 
@@ -107,7 +112,7 @@ def enumerate_options(
         )
     for g in sorted({int(g) for g in group_sizes if 0 < g < P and P % g == 0}, reverse=True):
         for strategy in STRATEGIES if g == 1 else strategies:
-            if strategy == "usp" or (g == 1) != (strategy == "local"):
+            if not runs_on_sub_groups(strategy, g):
                 continue
             for recompute in recomputes:
                 option = Option(strategy, recompute, group=g)
