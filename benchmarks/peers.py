@@ -60,7 +60,8 @@ if not __package__:  # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import paradyse  # noqa: E402
-from benchmarks.adaptive_vs_static import bench_mesh, corpus_windows  # noqa: E402
+from benchmarks.adaptive_mix import corpus_windows  # noqa: E402
+from benchmarks.adaptive_vs_static import bench_mesh  # noqa: E402
 from benchmarks.peer_models import (  # noqa: E402
     Fsdp2Peer,
     SinglePeer,

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from benchmarks.adaptive_vs_static import main, micro_batch_lengths
+from benchmarks.adaptive_mix import micro_batch_lengths
+from benchmarks.adaptive_vs_static import main
 
 from .harness import run_distributed
 from .layer_cases import mesh_for
