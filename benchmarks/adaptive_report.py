@@ -70,7 +70,7 @@ def ceiling_report(ceiling: Ceiling, results: list[MethodResult], lengths: list[
     ran (a bound on the headline's adaptive/best-static up to the two passes' noise, as
     layer-wise plans cost a mix of these options' per-layer times). `tokens`: a batch's tokens
     by its sequences' length (default: the length, one sequence). An option that cannot run a
-    batch (sub-groups of one rank, fewer sequences) is left out of its column."""
+    batch is left out of its column."""
     index = {n: i for i, n in enumerate(ceiling.lengths)}
     size = tokens or {n: n for n in ceiling.lengths}
     fastest = [min(t[i] for t in ceiling.seconds.values() if t[i] is not None)

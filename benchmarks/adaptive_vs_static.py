@@ -21,8 +21,8 @@ Methods: `exact` and `paradyse` (adaptive: a plan per micro-batch, per layer, an
 per micro-batch), `static:NAME` for every strategy the model supports at this sp (one strategy
 on every layer of the whole group, with the fastest recompute mode that fits, uniform over the
 layers), and `static:gN:NAME` for every strategy on sub-groups of N ranks (g1:local is FSDP's
-way: every rank its own sequences, whole weights gathered; a batch with fewer sequences than
-sub-groups runs NAME on the whole group). Each method gets a fresh model (same seed),
+way: every rank its own sequences, whole weights gathered; with fewer sequences than
+sub-groups the last ones idle on one token). Each method gets a fresh model (same seed),
 its own planner at the same per-rank budget, and an Engine; every micro-batch is an optimizer
 step (forward + backward + optimizer), timed by the engine on the slowest rank. The methods are
 interleaved: each micro-batch runs `--repeats` times on every method, the methods taking turns in

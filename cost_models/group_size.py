@@ -2,7 +2,9 @@
 
 Sub-group o runs the strategy at P = g on its own sequences; the sub-groups meet at every layer's
 weight gather (each 1/g shard is gathered from the P/g ranks holding its 1/P pieces, one of them
-in each sub-group), so a layer costs what its slowest sub-group costs, plus that gather:
+in each sub-group), so a layer costs what its slowest sub-group costs, plus that gather (where
+the ranks share fewer cores than there are ranks, as 4 CPU processes on 2 cores do, a sub-group
+done early hands its cores to the others: `shared_makespan`):
 
     forward   all-gather of the layer's weight shards over P/g ranks (sends (P/g - 1) n), one
               call for attention's two shards and one for the MLP's
@@ -25,13 +27,20 @@ from .units import itemsize
 
 __all__ = [
     "assign_sequences", "calibration_key", "runs_on_sub_groups", "sequence_costs",
-    "gather_traffic", "group_layer_cost",
+    "gather_traffic", "group_layer_cost", "shared_makespan", "IDLE_LENGTHS",
 ]  # fmt: skip
+
+
+IDLE_LENGTHS = (1,)
+"""What a sub-group dealt no sequence trains: one token with no target, so that its ranks still
+take part in the weight gathers and gradient reduce-scatters (`paradyse.Engine.pack`). It adds
+nothing to the loss or the gradients, and on ranks that share cores it frees them for the other
+sub-groups (`shared_makespan`)."""
 
 
 def sequence_costs(shape, seq_lens: Sequence[int]) -> list[float]:
     """Per sequence, one layer's forward FLOPs (projections and causal attention): what the
-    sequences are dealt to sub-groups by (`parallel_lib.assign_sequences`)."""
+    sequences are dealt to sub-groups by (`assign_sequences`)."""
     per_token = sum(v for k, v in layer_flops(shape, [1])[0].items() if k != "attention")
     return [per_token * n + attention_flops([n], shape.heads, shape.head_dim) for n in seq_lens]
 
@@ -42,7 +51,8 @@ def assign_sequences(costs: Sequence[float], groups: int) -> list[list[int]]:
     loaded group, ties by fewer sequences, then the lower group), so the largest load is within
     4/3 of the optimum and, with at least `groups` sequences, none is empty. Each group's
     indices are sorted. Deterministic: every rank computes the same assignment (the sub-groups
-    of a micro-batch, the dp groups of a step)."""
+    of a micro-batch, the dp groups of a step). With fewer sequences than groups the last
+    groups are empty."""
     if groups < 1:
         raise ValueError(f"need at least one group, got {groups}")
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
@@ -103,6 +113,26 @@ def _max_cost(costs: Sequence[Cost]) -> Cost:
     return Cost(**{f: max(getattr(c, f) for c in costs) for f in Cost.__dataclass_fields__})
 
 
+def shared_makespan(times: Sequence[float], g: int, cores: float | None) -> float:
+    """When the last of the sub-groups finishes, sub-group o taking `times[o]` with every rank
+    of the group busy, when its P = g len(times) ranks share `cores` (fewer than P; None: a
+    device each, and the slowest sub-group sets the time). Every busy rank gets an equal share
+    of the cores, at most one: each rank of sub-group o has times[o] cores/P core-seconds of
+    work, and as sub-groups finish the others speed up (processor sharing). Equal times give
+    the time back: the calibration measured every rank busy."""
+    P = g * len(times)
+    if cores is not None and not cores > 0:
+        raise ValueError(f"cores must be positive, got {cores}")
+    if cores is None or cores >= P or len(times) < 2:
+        return max(times)
+    clock = done = 0.0
+    for k, work in enumerate(sorted(t * cores / P for t in times)):
+        busy = g * (len(times) - k)
+        clock += (work - done) / min(1.0, cores / busy)
+        done = work
+    return clock
+
+
 def group_layer_cost(
     model: CostModel,
     shape,
@@ -118,7 +148,8 @@ def group_layer_cost(
     raw: bool = False,
 ) -> Cost:
     """One layer on one rank when the sp group of P runs as len(groups) sub-groups of
-    g = P / len(groups) ranks, sub-group o on the sequences `groups[o]` (unpadded lengths).
+    g = P / len(groups) ranks, sub-group o on the sequences `groups[o]` (unpadded lengths; an
+    empty one trains `IDLE_LENGTHS`).
     The time is scaled by the profile's calibration of the strategy on sub-groups of g
     (`calibration_key`; the strategy's own where the profile has none); `raw`: unscaled (what
     the profiler fits that calibration against)."""
@@ -127,10 +158,14 @@ def group_layer_cost(
     g = P // len(groups)
     kw = {"dtype": dtype, "inner": inner, "nodes_spanned": nodes_spanned,
           "trainable": trainable, "calibration": "" if g < P else None}  # fmt: skip
-    cost = _max_cost([model.layer_cost(shape, strategy, recompute, lens, g, **kw)
-                      for lens in groups])  # fmt: skip
+    costs = [model.layer_cost(shape, strategy, recompute, lens or IDLE_LENGTHS, g, **kw)
+             for lens in groups]  # fmt: skip
+    cost = _max_cost(costs)
     if g == P:
         return cost
+    cores = model.shared_cores(P, nodes_spanned)
+    shared = {d: shared_makespan([getattr(c, d) for c in costs], g, cores)
+              for d in ("forward_s", "backward_s")}  # fmt: skip
     forward, backward = gather_traffic(shape, P, g, dtype, recompute, trainable)
     u = P // g
     seconds = {
@@ -144,8 +179,8 @@ def group_layer_cost(
     sent = sum(b for t in (forward, backward) for b, _ in t.values())
     scale = (1.0, 1.0) if raw else model.scales(calibration_key(strategy, g), strategy)
     return Cost(
-        forward_s=scale[0] * (cost.forward_s + seconds["forward"]),
-        backward_s=scale[1] * (cost.backward_s + seconds["backward"]),
+        forward_s=scale[0] * (shared["forward_s"] + seconds["forward"]),
+        backward_s=scale[1] * (shared["backward_s"] + seconds["backward"]),
         compute_s=cost.compute_s,
         comm_s=cost.comm_s + seconds["forward"] + seconds["backward"],
         saved_bytes=cost.saved_bytes + kept,

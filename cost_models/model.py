@@ -133,6 +133,24 @@ class CostModel:
             found = self.profile.calibration.get(fallback)
         return found or (1.0, 1.0)
 
+    def shared_cores(self, P: int, nodes_spanned: int = 1) -> float | None:
+        """How many ranks of an sp group of P can compute at once, where that is fewer than P:
+        the profile's usable CPUs over threads per rank, the group's share of them where more
+        ranks than the group's ran on the host (`Profile.conditions`). None where every rank
+        has its own device or cores (a GPU, no profile, a group across nodes): then the slowest
+        sub-group sets the time. With fewer, a sub-group that finishes early hands its cores to
+        the others (`group_size.shared_makespan`)."""
+        profile = self.profile
+        if profile is None or profile.machine.get("device") != "cpu" or nodes_spanned != 1:
+            return None  # GPUs compute on their own, whatever the host's CPU count
+        conditions = profile.conditions
+        cpus, here = conditions.get("cpus_usable"), conditions.get("ranks_here")
+        if not cpus or not here:
+            return None
+        slots = cpus / max(int(conditions.get("torch_threads") or 1), 1)
+        cores = slots * min(P, here) / here
+        return cores if cores < min(P, here) else None
+
     # ------------------------------------------------------------------ layer
     def layer_cost(
         self,

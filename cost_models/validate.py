@@ -141,11 +141,10 @@ def moe_from(text: str | None, aux_loss: float) -> MoeShape | None:
         raise ValueError(f"--moe {text}: {error}") from None
 
 
-def group_sizes_from(text: str | None, P: int, sequences: int, moe) -> list[int]:
+def group_sizes_from(text: str | None, P: int, moe) -> list[int]:
     """The group sizes of `--group-sizes` (default [P]); ValueError, one line, for a size that
-    does not divide P, for a micro-batch with fewer sequences than a size's sub-groups (each
-    needs one, as the planner requires) and for sub-groups with --moe (MoE layers run on the
-    whole group)."""
+    does not divide P and for sub-groups with --moe (MoE layers run on the whole group). A
+    size with more sub-groups than `--sequences` leaves the last idle, as the planner does."""
     if text is None:
         return [P]
     sizes = int_list("--group-sizes", text)
@@ -155,12 +154,6 @@ def group_sizes_from(text: str | None, P: int, sequences: int, moe) -> list[int]
         raise ValueError(f"--group-sizes {bad} do not divide sp={P}; choose among {divisors}")
     if moe is not None and any(g < P for g in sizes):
         raise ValueError("--group-sizes below sp with --moe: MoE layers run on the whole group")
-    few = [g for g in sizes if P // g > sequences]
-    if few:
-        raise ValueError(
-            f"--group-sizes {few}: {P // min(few)} sub-groups need at least as many sequences; "
-            f"raise --sequences from {sequences}"
-        )
     return sorted(set(sizes), reverse=True)
 
 
@@ -252,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             profile.check_matches(dtype=args.dtype, sp=mesh.sp)
         if moe is not None and moe.layout_problem(mesh.sp):
             raise ValueError(f"--moe: {moe.layout_problem(mesh.sp)}")
-        group_sizes = group_sizes_from(args.group_sizes, mesh.sp, args.sequences, moe)
+        group_sizes = group_sizes_from(args.group_sizes, mesh.sp, moe)
     except ValueError as e:  # ProfileError included
         fail(p.prog, str(e))
     wanted = names

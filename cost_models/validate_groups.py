@@ -26,7 +26,13 @@ from parallel_lib import (
 )
 
 from .counts import dtype_name
-from .group_size import assign_sequences, group_layer_cost, runs_on_sub_groups, sequence_costs
+from .group_size import (
+    IDLE_LENGTHS,
+    assign_sequences,
+    group_layer_cost,
+    runs_on_sub_groups,
+    sequence_costs,
+)
 from .profile import step_times
 from .validate_cells import Cell, batch_lengths, largest, measured_peak, predicted_peak
 
@@ -62,7 +68,7 @@ def validate_sub_groups(
             lens = batch_lengths(tokens, sequences)
             dealt = assign_sequences(sequence_costs(shape, lens), split.groups)
             groups = [[lens[i] for i in share] for share in dealt]
-            mine = groups[split.index]  # a sub-group has a sequence (group_sizes_from)
+            mine = groups[split.index] or list(IDLE_LENGTHS)  # one token, as the engine
             layout = ZigzagLayout([pad_length(n, g) for n in mine], g, split.position,
                                   mesh.device)  # fmt: skip
             x = torch.randn(layout.local_tokens, shape.hidden, generator=generator, dtype=dtype)

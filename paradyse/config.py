@@ -135,8 +135,9 @@ class ParallelConfig:
     command that re-measures it. 0 turns the check off."""
     group_size: int = 0
     """0: adaptive chooses per micro-batch whether the sp group runs as sub-groups of g ranks
-    (g dividing sp), each on its own sequences; g: every micro-batch with at least sp/g
-    sequences runs on sub-groups of g (the others on the whole group)."""
+    (g dividing sp), each on its own sequences; g: every micro-batch runs on sub-groups of g
+    (with fewer than sp/g sequences the sub-groups dealt none train one token with no
+    target)."""
 
     def __post_init__(self) -> None:
         choices = (

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from cost_models.group_size import IDLE_LENGTHS
 from parallel_lib import CommGroup, GroupSplit, Strategy, all_gather_dim0, get_strategy, split_group
 from parallel_lib.mesh import Mesh
 from planners import Option, Plan, Planner
@@ -37,6 +38,11 @@ from .optim import (
 from .seams import AttachedHooks, LayerHooks, OptimizerWrapper
 
 __all__ = ["Engine", "LayerHooks", "OptimizerWrapper", "StepResult", "MicroBatchResult"]
+
+IDLE_SEQUENCE = (~0,) * IDLE_LENGTHS[0]
+"""What a sub-group dealt no sequence trains: token id 0 marked as having no target (`~id`,
+`PackedBatch.pack`), as long as the `cost_models.group_size.IDLE_LENGTHS` the planner priced.
+Layer hooks see it like any batch (its `num_loss_tokens` is 0)."""
 
 
 @dataclass
@@ -180,7 +186,9 @@ class Engine:
 
     def pack(self, sequences: Sequence[Sequence[int]], group_size: int | None) -> PackedBatch:
         """This rank's share of a micro-batch: over the whole sp group, or (`group_size` g)
-        its sub-group's sequences over the sub-group's g ranks, dealt as the planner priced."""
+        its sub-group's sequences over the sub-group's g ranks, dealt as the planner priced.
+        A sub-group dealt none (fewer sequences than sub-groups) trains one token of id 0 with
+        no target (`IDLE_SEQUENCE`), which adds nothing to the loss or the gradients."""
         mesh = self.mesh
         if group_size is None or group_size == mesh.sp:
             return PackedBatch.pack(sequences, mesh.sp, mesh.sp_rank, device=mesh.device)
@@ -188,7 +196,7 @@ class Engine:
         if split is None:
             split = self._splits[group_size] = split_group(mesh.sp_group, group_size)
         dealt = self.planner.costs.sub_groups([len(s) for s in sequences], group_size)
-        mine = [sequences[i] for i in dealt[split.index]]
+        mine = [sequences[i] for i in dealt[split.index]] or [IDLE_SEQUENCE]
         return PackedBatch.pack(mine, group_size, split.position, device=mesh.device, split=split)
 
     # ------------------------------------------------------------------ training

@@ -21,7 +21,8 @@ __all__ = ["LayerHooks", "OptimizerWrapper", "AttachedHooks"]
 
 class LayerHooks:
     """Callbacks around every switchable layer; override what you need. `index` is the layer's
-    position in `model.switchable_layers()`."""
+    position in `model.switchable_layers()`. On a sub-group dealt no sequence of the
+    micro-batch the batch is the engine's one idle token (`batch.num_loss_tokens == 0`)."""
 
     def before_forward(self, index: int, x: Tensor, batch: PackedBatch) -> None:
         """Called with the layer's input (T/P, H) before it runs."""

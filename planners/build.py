@@ -56,8 +56,8 @@ class PlanningSetup:
     divisor of sp when every strategy is allowed and no layer is a mixture of experts (MoE
     layers run on the whole group), else none."""
     group_size: int | None = None
-    """Force sub-groups of this size on every micro-batch with enough sequences (the others run
-    on the whole group); None: the planner chooses."""
+    """Force sub-groups of this size on every micro-batch (with fewer sequences than sub-groups
+    the last train one token with no target); None: the planner chooses."""
     logits_chunk: int = LOGITS_CHUNK
     """Tokens per chunk of the loss's head and cross-entropy (`train.logits_chunk`): the LM
     head's transient is one chunk's logits (`cost_models.logits_bytes`); 0: the whole logits."""

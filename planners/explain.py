@@ -31,8 +31,7 @@ __all__ = ["main", "baseline_methods", "report", "longest_line"]
 
 def baseline_methods(options) -> list[Method]:
     """exact, paradyse, then static:NAME for every strategy among the options, and
-    static:gN:NAME for those that also run on sub-groups of N (a batch with fewer sequences than
-    sub-groups runs NAME on the whole group)."""
+    static:gN:NAME for those that also run on sub-groups of N."""
     whole = list(dict.fromkeys(o.strategy for o in options if o.group is None))
     grouped = dict.fromkeys(f"g{o.group}:{o.strategy}" for o in options
                             if o.group is not None and o.strategy in whole)  # fmt: skip

@@ -192,14 +192,12 @@ class LayerCosts:
             raise ValueError(f"{what} layers {bad} outside the model's {self.layers} layers")
         return chosen
 
-    def sub_groups(self, seq_lens: Sequence[int], g: int) -> list[list[int]] | None:
+    def sub_groups(self, seq_lens: Sequence[int], g: int) -> list[list[int]]:
         """Indices of the sequences each of the P/g sub-groups of g ranks trains, dealt by
         predicted cost (`cost_models.group_size.assign_sequences`; the engine deals them by
-        this same call); None when there are fewer sequences than sub-groups."""
-        groups = self.P // g
-        if len(seq_lens) < groups:  # a sub-group needs at least one sequence
-            return None
-        return assign_sequences(sequence_costs(self.shape, seq_lens), groups)
+        this same call). With fewer sequences than sub-groups the last are empty: they train
+        `cost_models.group_size.IDLE_LENGTHS`."""
+        return assign_sequences(sequence_costs(self.shape, seq_lens), self.P // g)
 
     def _cost(self, option: Option, key: tuple[int, ...], trainable: bool, moe: bool):
         kw = {"dtype": self.dtype, "inner": option.inner, "nodes_spanned": self.nodes_spanned,
@@ -208,9 +206,9 @@ class LayerCosts:
             extra = {"moe": self.moe} if moe else {}
             return self.model.layer_cost(self.shape, option.strategy, option.recompute, key,
                                          self.P, **kw, **extra)  # fmt: skip
-        members = self.sub_groups(key, option.group)
-        if members is None or moe:  # too few sequences; a MoE layer runs on the whole group
+        if moe:  # a MoE layer runs on the whole group
             return None
+        members = self.sub_groups(key, option.group)
         lens = [[key[i] for i in m] for m in members]
         return group_layer_cost(self.model, self.shape, option.strategy, option.recompute, lens,
                                 self.P, **kw)  # fmt: skip
@@ -223,8 +221,6 @@ class LayerCosts:
         if g is None:
             return logits_bytes(sum(key), self.vocab, self.P, self.logits_chunk)
         members = self.sub_groups(key, g)
-        if members is None:
-            return 0.0
         return max(logits_bytes(sum(pad_length(key[i], g) for i in m), self.vocab, g,
                                 self.logits_chunk) for m in members)  # fmt: skip
 

@@ -93,8 +93,8 @@ class Planner:
     frozen_bytes: per layer, the part of static_bytes that is its gradient buffer, freed while
     the layer is frozen. method: a
     `Method` or its string ("exact", "paradyse", "static:NAME"; see `planners.METHODS`).
-    group_size: plan every micro-batch with enough sequences on sub-groups of that size (the
-    options named 'gN:...'); None: each micro-batch on the group size whose plan is fastest."""
+    group_size: plan every micro-batch on sub-groups of that size (the options named 'gN:...');
+    None: each micro-batch on the group size whose plan is fastest."""
 
     def __init__(
         self,
@@ -127,7 +127,7 @@ class Planner:
         for j, option in enumerate(costs.options):
             self._by_group.setdefault(option.group, []).append(j)
         self.group_size = None if group_size == costs.P else group_size
-        """Forced sub-group size: its options wherever the batch has enough sequences."""
+        """Forced sub-group size: its options wherever every layer can run them."""
         self._entries: dict[tuple, _Entry] = {}
         self._previous: tuple[int, ...] | None = None
         self._longest: dict[tuple, int] = {}  # (limit, step state) -> longest_fitting(limit)
@@ -206,7 +206,7 @@ class Planner:
             groups = {self.group_size: forced}
         for columns in groups.values():
             if not np.isfinite(tables.time[:, columns]).any(axis=1).all():
-                continue  # too few sequences for these sub-groups
+                continue  # a layer that runs on the whole group only (MoE)
             try:
                 sub = choose(tables.time[:, columns], tables.saved[:, columns],
                              tables.transient[:, columns], budget, self.method)  # fmt: skip
@@ -222,9 +222,9 @@ class Planner:
         return best[1]
 
     def _static_fallback(self, tables: CostTables) -> Method:
-        """The method, except that a static 'gN:NAME' runs NAME on the whole group for a batch
-        with fewer sequences than sub-groups (InfeasibleError where NAME has no whole-group
-        option, as local)."""
+        """The method, except that a static 'gN:NAME' runs NAME on the whole group where a
+        layer cannot run on sub-groups (a mixture-of-experts layer; InfeasibleError where NAME
+        has no whole-group option, as local)."""
         method = self.method
         if not method.static or option_group(method.label) is None:
             return method
@@ -243,7 +243,7 @@ class Planner:
         if self._previous is None or self._previous == entry.best:
             return best
         fits = self._peak(entry.tables, self._previous) <= self.budget_bytes - entry.static
-        if not fits:  # also when the batch has too few sequences for its sub-groups
+        if not fits:
             return best
         if self.group_size is not None and self.options[self._previous[0]].group != (
             best.group_size

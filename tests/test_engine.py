@@ -96,6 +96,37 @@ def test_sub_groups_train_like_one_process() -> None:
             assert abs(got - want) <= 1e-5 * abs(want), (name, step, got, want)
 
 
+def _idle_runs() -> tuple[list[float], list[str], int]:
+    """sp = 4 forced onto sub-groups of one rank with documents up to 1,024 tokens: micro-batches
+    of 256 tokens per rank often hold fewer than 4 sequences, and the ranks dealt none train the
+    engine's one idle token."""
+    idle = []
+    pack = paradyse.Engine.pack
+
+    def counting(self, sequences, group_size):
+        batch = pack(self, sequences, group_size)
+        idle.append(batch.seq_lens == (1,) and bool((batch.labels < 0).all()))
+        return batch
+
+    paradyse.Engine.pack = counting
+    try:
+        plans: list[str] = []
+        return _losses(4, "parallel.group_size=1", plans=plans), plans, sum(idle)
+    finally:
+        paradyse.Engine.pack = pack
+
+
+def test_idle_sub_groups_train_like_one_process(local_losses) -> None:
+    """Fewer sequences than sub-groups: the idle ranks' token changes neither loss nor gradients
+    (the losses of the 5 steps depend on every earlier gradient)."""
+    per_rank = run_distributed(4, _idle_runs, timeout=600)
+    assert sum(idle for _, _, idle in per_rank) > 0  # some micro-batch left a rank idle
+    losses, plans, _ = per_rank[0]
+    assert all(p.startswith("g1:local") for p in plans), plans
+    for step, (got, want) in enumerate(zip(losses, local_losses, strict=True)):
+        assert abs(got - want) <= 1e-5 * abs(want), (step, got, want)
+
+
 def test_bfloat16_compute_trains_close_to_float32(local_losses) -> None:
     losses = _losses(1, "parallel.strategy=local", "train.dtype=bfloat16")
     for got, want in zip(losses, local_losses, strict=True):
