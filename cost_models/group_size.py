@@ -150,9 +150,9 @@ def group_layer_cost(
     """One layer on one rank when the sp group of P runs as len(groups) sub-groups of
     g = P / len(groups) ranks, sub-group o on the sequences `groups[o]` (unpadded lengths; an
     empty one trains `IDLE_LENGTHS`).
-    The time is scaled by the profile's calibration of the strategy on sub-groups of g
-    (`calibration_key`; the strategy's own where the profile has none); `raw`: unscaled (what
-    the profiler fits that calibration against)."""
+    The time is scaled by the profile's calibration of the strategy on sub-groups of g, and its
+    overhead added (`calibration_key`; the strategy's own where the profile has none); `raw`:
+    neither (what the profiler fits that calibration against)."""
     if not groups or P % len(groups):
         raise ValueError(f"{len(groups)} sub-groups do not divide sp={P}")
     g = P // len(groups)
@@ -177,10 +177,12 @@ def group_layer_cost(
     kept = {"none": attention + mlp, "selective": attention}.get(recompute, 0)
     transient = attention + mlp - kept + (attention + mlp if trainable else 0)
     sent = sum(b for t in (forward, backward) for b, _ in t.values())
-    scale = (1.0, 1.0) if raw else model.scales(calibration_key(strategy, g), strategy)
+    key = calibration_key(strategy, g)
+    scale = (1.0, 1.0) if raw else model.scales(key, strategy)
+    overhead = (0.0, 0.0) if raw else model.overheads(key, strategy)
     return Cost(
-        forward_s=scale[0] * (shared["forward_s"] + seconds["forward"]),
-        backward_s=scale[1] * (shared["backward_s"] + seconds["backward"]),
+        forward_s=scale[0] * (shared["forward_s"] + seconds["forward"]) + overhead[0],
+        backward_s=scale[1] * (shared["backward_s"] + seconds["backward"]) + overhead[1],
         compute_s=cost.compute_s,
         comm_s=cost.comm_s + seconds["forward"] + seconds["backward"],
         saved_bytes=cost.saved_bytes + kept,

@@ -126,12 +126,21 @@ class CostModel:
     def scales(self, key: str, fallback: str | None = None) -> tuple[float, float]:
         """(forward, backward) calibration scales of `key` (a strategy, or 'gN:STRATEGY' on
         sub-groups of N), else of `fallback`; 1 without a profile, or for key ''."""
+        return self._calibrated("calibration", key, fallback, 1.0)
+
+    def overheads(self, key: str, fallback: str | None = None) -> tuple[float, float]:
+        """(forward, backward) seconds a layer step of `key` takes beyond its scaled analytic
+        time (the profile's `calibration_overhead`, as `scales` finds its scales); 0 without."""
+        return self._calibrated("calibration_overhead", key, fallback, 0.0)
+
+    def _calibrated(self, field: str, key: str, fallback: str | None, default: float):
         if self.profile is None or not key:
-            return 1.0, 1.0
-        found = self.profile.calibration.get(key)
-        if found is None and fallback is not None:
-            found = self.profile.calibration.get(fallback)
-        return found or (1.0, 1.0)
+            return default, default
+        table = getattr(self.profile, field)
+        found = table.get(key)
+        if found is None and fallback is not None and key not in self.profile.calibration:
+            found = table.get(fallback)  # the fallback's whole calibration, never a mix
+        return found or (default, default)
 
     def shared_cores(self, P: int, nodes_spanned: int = 1) -> float | None:
         """How many ranks of an sp group of P can compute at once, where that is fewer than P:
@@ -188,15 +197,16 @@ class CostModel:
                                       reduce_scatter_copy=rs_copy, **kw)  # fmt: skip
         description = strategy_cost(strategy)
         sizes = description.group_sizes(P, inner)
-        scales = self.scales(strategy if calibration is None else calibration)
+        key = strategy if calibration is None else calibration
+        scales, overheads = self.scales(key), self.overheads(key)
         phases, compute_total, comm_total = [], 0.0, 0.0
-        for direction, kernels, elementwise, traffic, scale in (
+        for direction, kernels, elementwise, traffic, scale, overhead in (
             ("forward", counts.kernels_forward, counts.elementwise_forward,
              (counts.bytes_forward, counts.messages_forward, counts.group_bytes_forward,
-              counts.group_messages_forward), scales[0]),
+              counts.group_messages_forward), scales[0], overheads[0]),
             ("backward", counts.kernels_backward, counts.elementwise_backward,
              (counts.bytes_backward, counts.messages_backward, counts.group_bytes_backward,
-              counts.group_messages_backward), scales[1]),
+              counts.group_messages_backward), scales[1], overheads[1]),
         ):  # fmt: skip
             priced = [(k, direction) for k in kernels]
             if direction == "backward":  # recomputation runs forward kernels
@@ -212,7 +222,7 @@ class CostModel:
             overlap = self.profile.overlap if self.profile is not None else 1.0
             hidden = overlap * min(description.p2p_hidden_under(matmul, attention), p2p)
             time = matmul + attention + p2p - hidden + other + blocking
-            phases.append(scale * time)
+            phases.append(scale * time + overhead)
             compute_total += matmul + attention + other
             comm_total += blocking + p2p
         return Cost(

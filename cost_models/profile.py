@@ -45,7 +45,14 @@ from parallel_lib.cli import add_shape_arguments, fail, shape_from, threads_from
 from .counts import RECOMPUTE_MODES, STRATEGIES, dtype_name
 from .hardware import detect
 from .model import CostModel
-from .profile_data import SPREAD_TARGET, Curve, Profile, ProfileError
+from .profile_data import (
+    SPREAD_TARGET,
+    Curve,
+    Profile,
+    ProfileError,
+    fit_calibration,
+    store_calibration,
+)
 from .profile_groups import calibrate_sub_groups
 from .stability import conditions_now, conditions_record, profile_warnings, settle, spread
 from .timing import (
@@ -145,8 +152,8 @@ def calibration_lengths(max_tokens: int) -> list[list[int]]:
 
 
 def _calibration(mesh, shape, dtype, profile: Profile, max_tokens: int) -> None:
-    """Per strategy and direction, time = scale x the analytic time, fitted on real layer steps
-    of the strategy in every recompute mode at three sizes (least squares on relative errors).
+    """Per strategy and direction, time = scale x the analytic time + overhead, fitted on real
+    layer steps of the strategy in every recompute mode at three sizes (`fit_calibration`).
     The scale is what the kernel and link measurements miss inside a real step: per-op
     dispatch, contention between ranks sharing cores, merges and copies that are not plain
     bandwidth, imperfect overlap. Each round times every step once and fits its own scales;
@@ -179,7 +186,7 @@ def _calibration(mesh, shape, dtype, profile: Profile, max_tokens: int) -> None:
             for _, step, dy, _, _, times in cases:
                 for phase, seconds in enumerate(_step_once(step, dy)):
                     times[phase].append(seconds)
-            return {direction: _scale([(c[5][phase][-1], c[3 + phase]) for c in cases])
+            return {direction: fit_calibration([(c[5][phase][-1], c[3 + phase]) for c in cases])[0]
                     for phase, direction in enumerate(("forward", "backward"))}  # fmt: skip
 
         history = settle(one_round, target=profile.spread_target, max_rounds=CALIBRATION_ROUNDS)
@@ -191,18 +198,9 @@ def _calibration(mesh, shape, dtype, profile: Profile, max_tokens: int) -> None:
         for direction, scales in history.items():
             profile.spread[f"calibration/{name}.{direction}"] = spread(scales)
     for name, rows in measured.items():
-        profile.calibration[name] = tuple(
-            _scale([(row[1 + phase], row[3 + phase]) for row in rows]) for phase in (0, 1)
-        )
+        store_calibration(profile, name, rows)
     calibrate_sub_groups(mesh, shape, dtype, profile, calibration_lengths(max_tokens), raw,
-                         partial(step_times, repeats=3), _scale)  # fmt: skip
-
-
-def _scale(pairs: list[tuple[float, float]]) -> float:
-    """k minimising sum((k x analytic - measured) / measured)^2, clamped to [0.25, 4]."""
-    ratios = [a / m for m, a in pairs if m > 0]
-    k = sum(ratios) / max(sum(r * r for r in ratios), 1e-18)
-    return min(max(k, 0.25), 4.0)
+                         partial(step_times, repeats=3))  # fmt: skip
 
 
 def _step_once(step: Callable[[], torch.Tensor], dy) -> tuple[float, float]:

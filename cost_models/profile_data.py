@@ -12,7 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Profile", "ProfileError", "Curve", "LinkFit", "SCHEMA", "VERSION", "SPREAD_TARGET"]
+__all__ = [
+    "Profile", "ProfileError", "Curve", "LinkFit", "SCHEMA", "VERSION", "SPREAD_TARGET",
+    "fit_calibration", "store_calibration",
+]  # fmt: skip
 
 SCHEMA = "paradyse.cost_profile"
 VERSION = 2
@@ -126,7 +129,10 @@ class Profile:
     """kind -> group size -> fit."""
     calibration: dict[str, tuple[float, float]] = field(default_factory=dict)
     """strategy -> (forward scale, backward scale): a layer's time is scale x the analytic
-    time, fitted on real layer steps (see cost_models.profile)."""
+    time + the overhead, fitted on real layer steps (see cost_models.profile)."""
+    calibration_overhead: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """strategy -> (forward, backward) seconds a layer step takes beyond scale x the analytic
+    time, whatever its size (dispatch, Python, synchronisation); absent: 0."""
     reduce_scatter_copy: bool = False
     """The backend copies a reduce-scatter's input (gloo)."""
     calibration_points: dict[str, list] = field(default_factory=dict)
@@ -163,6 +169,9 @@ class Profile:
         for name, scales in self.calibration.items():
             if not all(k > 0 for k in scales):
                 return f"calibration of {name} {scales} is not positive"
+        for name, seconds in self.calibration_overhead.items():
+            if not all(c >= 0 for c in seconds):
+                return f"calibration overhead of {name} {seconds} is negative"
         return None
 
     def check_matches(self, *, dtype: str, sp: int | None = None) -> None:
@@ -212,6 +221,7 @@ class Profile:
                 for kind, fits in self.collectives.items()
             },
             "calibration": {k: list(v) for k, v in self.calibration.items()},
+            "calibration_overhead": {k: list(v) for k, v in self.calibration_overhead.items()},
             "calibration_points": self.calibration_points,
             "reduce_scatter_copy": self.reduce_scatter_copy,
             "attention_forward_full": _listed(self.attention_forward_full),
@@ -247,6 +257,10 @@ class Profile:
                 collectives=collectives,
                 calibration={k: (float(v[0]), float(v[1])) for k, v in data["calibration"].items()},
                 reduce_scatter_copy=bool(data["reduce_scatter_copy"]),
+                calibration_overhead={
+                    k: (float(v[0]), float(v[1]))
+                    for k, v in (data.get("calibration_overhead") or {}).items()
+                },
                 calibration_points=dict(data.get("calibration_points", {})),
                 attention_forward_full=_curve(data.get("attention_forward_full")),
                 attention_backward_full=_curve(data.get("attention_backward_full")),
@@ -294,3 +308,32 @@ class Profile:
                 "run python -m cost_models.profile again"
             ) from None
         return cls.from_dict(data, source=str(path))
+
+
+def fit_calibration(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    """(k, c) minimising sum((k x analytic + c - measured) / measured)^2 over (measured,
+    analytic) pairs, with c >= 0 seconds and k clamped to [0.25, 4]. The fixed cost of a layer
+    step (dispatch, Python, synchronisation) shows in the smallest steps and the scale in the
+    largest, so a single scale fitted on both over-prices long steps by the short ones' excess.
+    c = 0 (the scale alone) where the fit would make it negative."""
+    rows = [(a / m, 1.0 / m) for m, a in pairs if m > 0]
+    saa, sab, sbb = (sum(x * y for x, y in pair) for pair in
+                     (((a, a) for a, _ in rows), ((a, b) for a, b in rows),
+                      ((b, b) for _, b in rows)))  # fmt: skip
+    sa, sb = sum(a for a, _ in rows), sum(b for _, b in rows)
+    det = saa * sbb - sab * sab
+    if det > 1e-12 * max(saa * sbb, 1e-300):
+        k, c = (sa * sbb - sb * sab) / det, (saa * sb - sab * sa) / det
+        if c >= 0 and 0.25 <= k <= 4.0:
+            return k, c
+    k = sa / max(saa, 1e-18)
+    return min(max(k, 0.25), 4.0), 0.0
+
+
+def store_calibration(profile: Profile, key: str, rows) -> None:
+    """Fit and store the calibration entry `key` from rows [tokens, measured forward s,
+    measured backward s, analytic forward s, analytic backward s]."""
+    fits = [fit_calibration([(row[1 + phase], row[3 + phase]) for row in rows])
+            for phase in (0, 1)]  # fmt: skip
+    profile.calibration[key] = (fits[0][0], fits[1][0])
+    profile.calibration_overhead[key] = (fits[0][1], fits[1][1])

@@ -27,14 +27,15 @@ from parallel_lib import (
 
 from .counts import STRATEGIES, dtype_name
 from .group_size import calibration_key, group_layer_cost, runs_on_sub_groups
+from .profile_data import store_calibration
 
 __all__ = ["calibrate_sub_groups"]
 
 
-def calibrate_sub_groups(mesh, shape, dtype, profile, lengths, raw, step_times, fit) -> None:
-    """Fill `profile.calibration['gN:NAME']` (and its points) for every g < P: `lengths` are the
-    calibration batches of one sub-group, `raw` the unscaled CostModel, `step_times(step, dy)`
-    the profiler's timer and `fit(pairs)` its scale fit."""
+def calibrate_sub_groups(mesh, shape, dtype, profile, lengths, raw, step_times) -> None:
+    """Fill `profile.calibration['gN:NAME']`, its overhead (`store_calibration`) and its points
+    for every g < P: `lengths` are the calibration batches of one sub-group, `raw` the
+    unscaled CostModel, `step_times(step, dy)` the profiler's timer."""
     P = mesh.sp
     weights = LayerWeights.random(shape, P, dtype=dtype, device=mesh.device)
     for g in [d for d in range(1, P) if P % d == 0]:
@@ -60,6 +61,4 @@ def calibrate_sub_groups(mesh, shape, dtype, profile, lengths, raw, step_times, 
                     rows.append([sum(lens), fwd, bwd, cost.forward_s, cost.backward_s])
                 key = calibration_key(name, g)
                 profile.calibration_points[f"{key}/{recompute}"] = rows[-len(points) :]
-            profile.calibration[calibration_key(name, g)] = tuple(
-                fit([(row[1 + phase], row[3 + phase]) for row in rows]) for phase in (0, 1)
-            )
+            store_calibration(profile, calibration_key(name, g), rows)
