@@ -120,6 +120,7 @@ def test_what_the_core_attention_cannot_do_is_refused_by_name(overrides, words) 
                               pg_collection=SimpleNamespace(tp=None, cp=None))  # fmt: skip
 
 
+@pytest.mark.slow  # a torchrun training run and a reload, 30 s: run it with -m slow
 def test_example_trains_and_its_checkpoint_reloads_at_tp_1(tmp_path) -> None:
     save = tmp_path / "ckpt"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",

@@ -93,6 +93,7 @@ def test_explain_runs_as_a_module_without_torch() -> None:
     assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stderr
 
 
+@pytest.mark.slow  # both simulation modes end to end, 54 s: run it with -m slow
 def test_simulation_benchmark_prints_every_method_and_the_papers_figures(capsys) -> None:
     assert simulate_paradyse.main(["--sequences", "24", "--models", "gpt3-175b"]) == 0
     out = capsys.readouterr().out
