@@ -316,11 +316,10 @@ def fit_calibration(pairs: list[tuple[float, float]]) -> tuple[float, float]:
     step (dispatch, Python, synchronisation) shows in the smallest steps and the scale in the
     largest, so a single scale fitted on both over-prices long steps by the short ones' excess.
     c = 0 (the scale alone) where the fit would make it negative."""
-    rows = [(a / m, 1.0 / m) for m, a in pairs if m > 0]
-    saa, sab, sbb = (sum(x * y for x, y in pair) for pair in
-                     (((a, a) for a, _ in rows), ((a, b) for a, b in rows),
-                      ((b, b) for _, b in rows)))  # fmt: skip
+    rows = [(a / m, 1.0 / m) for m, a in pairs if m > 0]  # (analytic, 1) relative to measured
     sa, sb = sum(a for a, _ in rows), sum(b for _, b in rows)
+    saa, sab, sbb = (sum(a * a for a, _ in rows), sum(a * b for a, b in rows),
+                     sum(b * b for _, b in rows))  # fmt: skip
     det = saa * sbb - sab * sab
     if det > 1e-12 * max(saa * sbb, 1e-300):
         k, c = (sa * sbb - sb * sab) / det, (saa * sb - sab * sa) / det
