@@ -90,7 +90,7 @@ def ceiling_report(ceiling: Ceiling, results: list[MethodResult], lengths: list[
         lines.append(f"{option:<24} {cells}")
     lines.append(f"{'fastest':<24} " + " ".join(f"{s * 1e3:>6.0f}" for s in fastest))
     lines.append(
-        f"ceiling/best-static = {bound / static_rate:.2f}x  ({_short(best.method)}, unfit "
+        f"ceiling/best-static = {bound / static_rate:.2f}x  ({short_name(best.method)}, unfit "
         f"{best.unfit}; every batch the exact planner fits on its fastest option, this pass)"
     )
     return lines
@@ -158,7 +158,7 @@ def format_report(results, lengths, summary, *, per_batch: bool = True) -> list[
         best = oracle_seconds(results)
         lines.append("")
         lines.append("per micro-batch ms (- unfit); oracle = fastest static; exact's plan")
-        lines.append(f"{'tokens':>6} " + " ".join(f"{_short(r.method):>8}" for r in results)
+        lines.append(f"{'tokens':>6} " + " ".join(f"{short_name(r.method):>8}" for r in results)
                      + f" {'oracle':>8}  plan(exact)")  # fmt: skip
         exact = next((r for r in results if r.method == "exact"), results[0])
         for i, n in enumerate(lengths):
@@ -171,7 +171,7 @@ def format_report(results, lengths, summary, *, per_batch: bool = True) -> list[
     return lines
 
 
-def _short(method: str) -> str:
+def short_name(method: str) -> str:
     return method.removeprefix("static:")
 
 

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 benchmarks/adaptive_vs_static.py \\
         [--memory-budget 128MiB] [--batches 8] [--min-tokens 64] [--max-tokens 8192] [--seed 0] \\
-        [--repeats 3] [--sequences N] [--ceiling] [--predict]
+        [--repeats 3] [--sequences N] [--ceiling] [--bound] [--predict]
 
 The model is launch/configs/cpu_tiny.toml's (override with --config / --set), trained by the real
 `paradyse.Engine` on one switchable group of every rank (sp = world size). The micro-batches are
@@ -54,6 +54,11 @@ option, over the best static's with each batch it ran on the option it ran there
 that pass. Layer-wise plans cost a mix of these options' per-layer times, so this bounds what
 any planner can gain on this machine, model and mix (up to the noise between the two passes).
 
+`--bound` adds a pass that times every micro-batch as one process's step (rank 0, one thread,
+no communication; the other ranks wait) and prints `bound/best-static`: that work spread
+perfectly over the cores the ranks can use, against the best static. No plan of any framework
+passes it on this machine (benchmarks/adaptive_bound.py).
+
 `--predict` prints the same table from the cost model alone in about a second (use it to
 explore budgets). The default budget, 128 MiB per rank, is where the cost model predicts the
 largest gain on the default model; docs/benchmarks.md has the measured tables and why.
@@ -82,6 +87,7 @@ from planners import InfeasibleError, Planner, PlanningSetup, format_bytes
 if not __package__:  # run as a script (torchrun benchmarks/...): the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.adaptive_bound import bound_cores, bound_report, measure_single  # noqa: E402
 from benchmarks.adaptive_mix import (  # noqa: E402
     micro_batch_lengths,
     micro_batches_of,
@@ -277,6 +283,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ceiling", action="store_true",
                    help="also measure every uniform option per distinct length (slow): the\n"
                         "most any per-batch choice could gain over the best static")  # fmt: skip
+    p.add_argument("--bound", action="store_true",
+                   help="also time every batch as one process's step: the most any plan could\n"
+                        "gain over the best static on these cores")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -304,8 +313,8 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
         methods = methods_for(config, mesh.sp, args.methods)
         if args.repeats < 1:
             raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
-        if args.ceiling and args.predict:
-            raise ValueError("--ceiling measures steps; it does not combine with --predict")
+        if (args.ceiling or args.bound) and args.predict:
+            raise ValueError("--ceiling and --bound measure steps; not with --predict")
         if args.ceiling and ("exact" not in methods or methods == ["exact"]):
             raise ValueError("--ceiling needs exact and at least one static:NAME in --methods")
         lengths = micro_batch_lengths(args.batches, args.min_tokens, args.max_tokens, args.seed,
@@ -344,6 +353,11 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
         per_length = {n: k * n for n, k in zip(lengths, counts, strict=True)}
         lines += ceiling_report(ceiling, results, lengths, summary, per_length)
         summary["ceiling"] = {"lengths": ceiling.lengths, "seconds": ceiling.seconds}
+    if args.bound and summary["best_static"] is not None:
+        single = measure_single(config, mesh, batches, args.repeats)
+        cores = bound_cores(int(os.environ.get("LOCAL_WORLD_SIZE", mesh.world)))
+        lines += bound_report(single, cores, results, tokens, lengths, summary)
+        summary["bound"] = {"single_seconds": single, "cores": cores}
     lines.append(f"{time.perf_counter() - start:.0f} s")
     lines.append(f"predicted adaptive/best-static = {summary['predicted_adaptive_over_best']:.2f}x")
     lines.append(headline(summary))

@@ -24,6 +24,7 @@ DTensor TP+SP a rank holds 1/P of every sequence).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -351,3 +352,17 @@ class TensorParallelPeer(Peer):
             loss += float(part.detach().full_tensor())
         self.update()
         return loss / targets
+
+
+def timed(method, batch, mesh) -> tuple[float, float | None]:
+    """One optimizer step of `method` on `batch` (collective): the slowest rank's seconds from
+    a barrier, and the loss (rank 0's)."""
+    targets = sum(len(s) - 1 for s in batch)
+    if mesh.world > 1:
+        dist.barrier()
+    start = time.perf_counter()
+    loss = method.step(batch, targets)
+    seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    if mesh.world > 1:
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    return float(seconds), loss

@@ -53,7 +53,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 if not __package__:  # run as a script: the repository root on the path
@@ -68,6 +67,7 @@ from benchmarks.peer_models import (  # noqa: E402
     TensorParallelPeer,
     check_plain,
     paradyse_weights,
+    timed,
 )
 from benchmarks.peers_report import MIXES, PassResult, format_report, loss_within  # noqa: E402
 from paradyse.data import Batch, micro_batches, run_stream  # noqa: E402
@@ -177,20 +177,6 @@ def build_methods(names, config, args, mesh, device_mesh, batches, log) -> list:
 
 
 # ------------------------------------------------------------------------------ running
-def timed(method, batch, mesh) -> tuple[float, float | None]:
-    """One optimizer step of `method` on `batch` (collective): the slowest rank's seconds from
-    a barrier, and the loss (rank 0's)."""
-    targets = sum(len(s) - 1 for s in batch)
-    if mesh.world > 1:
-        dist.barrier()
-    start = time.perf_counter()
-    loss = method.step(batch, targets)
-    seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-    if mesh.world > 1:
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return float(seconds), loss
-
-
 def run_pass(name: str, methods, batches, repeats: int, mesh) -> PassResult:
     """Every batch `repeats` times on every method that fits it, interleaved (the order rotates
     from turn to turn), after the first batch once, untimed (warm-up, and the loss check)."""

@@ -16,8 +16,14 @@ The table: per coefficient the first and second value, second / first, and each 
 a curve's row is the geometric mean of the ratios at the first profile's points (what "within
 10%" judges), with its worst point beside it; the overlap (a fraction) shows its difference.
 The elementwise latency is left out: the model prices elementwise traffic by bandwidth only.
-The last line is
+Its last line is
     N of M coefficients within 10% (worst: NAME X.XXx)
+
+Then what the planner does with each profile (`benchmarks/profile_choices.py`): every uniform
+option priced under both on micro-batches of 64 tokens up to the longest measured, within
+`--budget` (default: the config's), the ratio of the two predictions per option and length,
+each profile's pick per length and the regret of choosing by the other profile. The last line:
+    choices: the same option at N of M lengths; worst regret +X.X% (KxL tokens)
 """
 
 from __future__ import annotations
@@ -32,9 +38,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cost_models import detect
 from cost_models.profile_data import Profile
 from cost_models.stability import load_allowance, usable_cpus
 from paradyse.config import load_config
+
+if not __package__:  # run as a script: the repository root on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.profile_choices import (  # noqa: E402
+    batch_shapes,
+    compare_choices,
+    format_choices,
+    option_times,
+)
 
 CURVES = ("matmul", "attention_forward", "attention_backward", "attention_forward_full",
           "attention_backward_full")  # fmt: skip
@@ -158,11 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quiet-wait", type=float, default=0.0)
     p.add_argument("--out-dir", default="runs/profile_stability")
     p.add_argument("--compare", nargs=2, metavar="JSON", help="only compare two profiles")
+    p.add_argument("--budget", help="memory budget per rank of the choices (default: config's)")
     args = p.parse_args(argv)
+    config = load_config(args.config, [f"parallel.memory_budget={args.budget}"] * bool(args.budget))
     if args.compare:
         paths = [Path(x) for x in args.compare]
     else:
-        config = load_config(args.config)
         args.dtype = config.train.dtype
         max_tokens = max(64, min(8192, config.data.max_seq_len))  # as the trainer measures
         folder = Path(args.out_dir)
@@ -188,6 +206,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = ratio_rows(profiles[0], profiles[1])
         print(format_table(rows))
         print(summary(rows))
+        sp, longest = profiles[0].machine["sp"], profiles[0].machine["max_tokens"]
+        batches = batch_shapes(sp, longest)
+        tables = [option_times(config, sp, detect(), p, batches) for p in profiles[:2]]
+        for line in format_choices(*compare_choices(*tables, batches), batches):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,15 @@ Every rank runs every measurement at once (the rates include the contention of t
 a time is the slowest rank's. Measured: matmul and attention-kernel time per call over sizes
 taken from the model shape; memory-bound bandwidth; alpha (a tiny message's time) + bytes/beta
 of every collective kind on every group size the strategies use (the group and its inner x outer
-factors); the overlap of compute and p2p; and, per strategy, a calibration scale from real layer
-steps at three sizes. Each coefficient is measured in rounds until its spread (IQR / median) is
-under 10% or a cap of rounds is reached (`cost_models.stability`); the profile records every
-spread and the conditions it ran under, and the output names the coefficients it could not pin
-down and warns when the machine was busy. Run it under torchrun on the machine you will train
-on, with the model's shape. A measuring module of `cost_models` (it imports torch and
-`parallel_lib`); layer steps run through `parallel_lib.decoder_layer_step`, the function training
-runs.
+factors); the overlap of compute and p2p; and, per option (a strategy on the whole group or on
+sub-groups), a calibration scale and overhead from real layer steps at three sizes, timed in
+interleaved rounds (`cost_models.profile_calibration`). Each coefficient is measured in rounds
+until its spread (IQR / median) is under 10% or a cap of rounds is reached
+(`cost_models.stability`); the profile records every spread and the conditions it ran under,
+and the output names the coefficients it could not pin down and warns when the machine was
+busy. Run it under torchrun on the machine you will train on, with the model's shape. A
+measuring module of `cost_models` (it imports torch and `parallel_lib`); layer steps run
+through `parallel_lib.decoder_layer_step`, the function training runs.
 """
 
 from __future__ import annotations
@@ -24,51 +25,38 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from functools import partial
 from statistics import median
 
 import torch
 import torch.distributed as dist
 
 from parallel_lib import (
-    LayerWeights,
-    ZigzagLayout,
     attention_backward,
     attention_forward,
-    decoder_layer_step,
-    get_strategy,
     init_mesh,
-    pad_length,
 )
 from parallel_lib.cli import add_shape_arguments, fail, shape_from, threads_from_env
 
-from .counts import RECOMPUTE_MODES, STRATEGIES, dtype_name
+from .counts import dtype_name
 from .hardware import detect
 from .model import CostModel
+from .profile_calibration import calibrate, calibration_cases, step_once
 from .profile_data import (
     SPREAD_TARGET,
     Curve,
     Profile,
     ProfileError,
-    fit_calibration,
-    store_calibration,
 )
-from .profile_groups import calibrate_sub_groups
-from .stability import conditions_now, conditions_record, profile_warnings, settle, spread
+from .stability import conditions_now, conditions_record, profile_warnings
 from .timing import (
     collective_ops,
     measure_elementwise,
     measure_link,
     measure_overlap,
     settled_time,
-    slowest,
-    synchronize,
 )
 
 __all__ = ["measure_profile", "main", "step_times"]
-
-CALIBRATION_ROUNDS = 7
-"""At most this many timings of every calibration step (at least 3)."""
 
 
 def _sizes(first: int, last: int, step: int = 4) -> list[int]:
@@ -152,77 +140,19 @@ def calibration_lengths(max_tokens: int) -> list[list[int]]:
 
 
 def _calibration(mesh, shape, dtype, profile: Profile, max_tokens: int) -> None:
-    """Per strategy and direction, time = scale x the analytic time + overhead, fitted on real
-    layer steps of the strategy in every recompute mode at three sizes (`fit_calibration`).
-    The scale is what the kernel and link measurements miss inside a real step: per-op
-    dispatch, contention between ranks sharing cores, merges and copies that are not plain
-    bandwidth, imperfect overlap. Each round times every step once and fits its own scales;
-    rounds go on until the scales' spread is under the target (at least 3, at most
-    CALIBRATION_ROUNDS), and the scale is fitted on each step's median. Fills
-    `profile.calibration`, `calibration_points` and the scales' spreads."""
-    P = mesh.sp
+    """Per option (a strategy on the whole group or on sub-groups) and direction, time =
+    scale x the analytic time + overhead, fitted on real layer steps timed in interleaved
+    rounds (`cost_models.profile_calibration`). Fills `profile.calibration`, its overhead,
+    `calibration_points` and the scales' spreads."""
     raw = CostModel(detect(), profile)  # no calibration yet: the analytic times
-    weights = LayerWeights.random(shape, P, dtype=dtype, device=mesh.device)
-    points = []
-    for lens in calibration_lengths(max_tokens):
-        layout = ZigzagLayout([pad_length(n, P) for n in lens], P, mesh.sp_rank, mesh.device)
-        x = torch.randn(layout.local_tokens, shape.hidden, dtype=dtype, device=mesh.device)
-        points.append((lens, layout, x.requires_grad_(), torch.randn_like(x)))
-    measured = {}
-    for name in STRATEGIES:
-        strategy = get_strategy(name)
-        if not strategy.supports(shape, P)[0]:
-            continue
-        cases = []  # (lens, step, dy, analytic forward, analytic backward, its times)
-        for recompute in RECOMPUTE_MODES:
-            for lens, layout, x, dy in points:
-                step = partial(decoder_layer_step, x, weights, layout, mesh.sp_group, strategy,
-                               recompute)  # fmt: skip
-                step().backward(dy)  # warm-up
-                cost = raw.layer_cost(shape, name, recompute, lens, P, dtype=dtype_name(dtype))
-                cases.append((lens, step, dy, cost.forward_s, cost.backward_s, ([], [])))
-
-        def one_round(cases=cases) -> dict[str, float]:
-            for _, step, dy, _, _, times in cases:
-                for phase, seconds in enumerate(_step_once(step, dy)):
-                    times[phase].append(seconds)
-            return {direction: fit_calibration([(c[5][phase][-1], c[3 + phase]) for c in cases])[0]
-                    for phase, direction in enumerate(("forward", "backward"))}  # fmt: skip
-
-        history = settle(one_round, target=profile.spread_target, max_rounds=CALIBRATION_ROUNDS)
-        rows = [[sum(c[0]), median(c[5][0]), median(c[5][1]), c[3], c[4]] for c in cases]
-        for i, recompute in enumerate(RECOMPUTE_MODES):
-            first = i * len(points)
-            profile.calibration_points[f"{name}/{recompute}"] = rows[first : first + len(points)]
-        measured[name] = rows
-        for direction, scales in history.items():
-            profile.spread[f"calibration/{name}.{direction}"] = spread(scales)
-    for name, rows in measured.items():
-        store_calibration(profile, name, rows)
-    calibrate_sub_groups(mesh, shape, dtype, profile, calibration_lengths(max_tokens), raw,
-                         partial(step_times, repeats=3))  # fmt: skip
-
-
-def _step_once(step: Callable[[], torch.Tensor], dy) -> tuple[float, float]:
-    """Forward and backward seconds (slowest rank) of one `step()` backpropagated with `dy`."""
-    if dist.is_initialized():
-        dist.barrier()
-    synchronize(dy.device)
-    start = time.perf_counter()
-    y = step()
-    synchronize(dy.device)
-    middle = time.perf_counter()
-    y.backward(dy)
-    synchronize(dy.device)
-    end = time.perf_counter()
-    return slowest(middle - start, dy.device), slowest(end - middle, dy.device)
+    calibrate(calibration_cases(mesh, shape, dtype, calibration_lengths(max_tokens), raw), profile)
 
 
 def step_times(step: Callable[[], torch.Tensor], dy, repeats: int = 3) -> tuple[float, float]:
     """Median forward and backward seconds (slowest rank) of `step()` (a layer's forward, the
     output of which is backpropagated with `dy`)."""
     step().backward(dy)  # warm-up
-    forward, backward = zip(*(_step_once(step, dy) for _ in range(repeats)), strict=True)
+    forward, backward = zip(*(step_once(step, dy) for _ in range(repeats)), strict=True)
     return median(forward), median(backward)
 
 

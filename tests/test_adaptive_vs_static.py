@@ -132,7 +132,39 @@ def test_ceiling_leaves_out_what_the_budget_cannot_fit() -> None:
     assert bound / static >= 1.0 - 1e-12 or not same_batches  # fastest <= any option
 
 
-def test_ceiling_and_predict_do_not_combine() -> None:
+@pytest.mark.parametrize("measured", ["--ceiling", "--bound"])
+def test_measured_passes_and_predict_do_not_combine(measured: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(SMALL + ["--ceiling", "--predict"], mesh=mesh_for(1), log=lambda line: None)
+        main(SMALL + [measured, "--predict"], mesh=mesh_for(1), log=lambda line: None)
     assert exit_info.value.code == 2
+
+
+def test_bound_is_one_process_over_the_cores() -> None:
+    """The bound pass times every batch on one process; its printed ratios are the tokens over
+    those seconds / cores, against the best static's and exact's own measured seconds."""
+    summary = run_distributed(
+        2, benchmark_case, ["--memory-budget", "1GiB", "--repeats", "1", "--bound"], timeout=180
+    )[0]
+    single, cores = summary["bound"]["single_seconds"], summary["bound"]["cores"]
+    assert len(single) == len(summary["lengths"]) and all(s > 0 for s in single)
+    assert 1 <= cores <= 2  # 2 ranks of one thread each
+    tokens = [k * n for k, n in zip(summary["counts"], summary["lengths"], strict=True)]
+    bound_rate = sum(tokens) / (sum(single) / cores)  # every method ran every batch at 1 GiB
+    static_rate = sum(tokens) / sum(summary["seconds"][summary["best_static"]])
+    exact_rate = sum(tokens) / sum(summary["seconds"]["exact"])
+    printed = next(line for line in summary["printed"] if line.startswith("bound/best-static"))
+    ratios = re.match(r"^bound/best-static = (\d+\.\d\d)x  exact/bound = (\d+\.\d\d)  ", printed)
+    assert ratios, printed
+    assert float(ratios.group(1)) == pytest.approx(bound_rate / static_rate, abs=0.0051)
+    assert float(ratios.group(2)) == pytest.approx(exact_rate / bound_rate, abs=0.0051)
+    table = summary["printed"]
+    start = next(i for i, line in enumerate(table) if line.startswith("bound: one process"))
+    rows = [line.split() for line in table[start + 2 : start + 2 + len(set(summary["lengths"]))]]
+    lengths = [int(r[0].split("x")[1]) for r in rows]
+    assert lengths == sorted(set(summary["lengths"]))
+    for row, length in zip(rows, lengths, strict=True):
+        at = [i for i, n in enumerate(summary["lengths"]) if n == length]
+        assert row[0] == f"{summary['counts'][at[0]]}x{length}"
+        assert int(row[1]) == len(at)
+        assert float(row[2]) == pytest.approx(sum(single[i] for i in at) * 1e3, abs=0.51)
+    assert HEADLINE.match(table[-1]), table[-1]

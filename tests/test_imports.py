@@ -26,7 +26,7 @@ MAY_IMPORT = {
 MEASURING = {
     "cost_models.profile",
     "cost_models.profile_check",
-    "cost_models.profile_groups",
+    "cost_models.profile_calibration",
     "cost_models.timing",
     "cost_models.validate",
     "cost_models.validate_cells",
