@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
             raise ValueError("--ceiling and --bound measure steps; not with --predict")
         if args.ceiling and ("exact" not in methods or methods == ["exact"]):
             raise ValueError("--ceiling needs exact and at least one static:NAME in --methods")
+        if args.bound and not any(m.startswith("static:") and m.count(":") == 1 for m in methods):
+            raise ValueError("--bound needs a static:NAME on the whole group in --methods")
         lengths = micro_batch_lengths(args.batches, args.min_tokens, args.max_tokens, args.seed,
                                       not args.no_repeat)  # fmt: skip
         if args.sequences < 0:
@@ -353,9 +355,9 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
         per_length = {n: k * n for n, k in zip(lengths, counts, strict=True)}
         lines += ceiling_report(ceiling, results, lengths, summary, per_length)
         summary["ceiling"] = {"lengths": ceiling.lengths, "seconds": ceiling.seconds}
-    if args.bound and summary["best_static"] is not None:
+    if args.bound:
         single = measure_single(config, mesh, batches, args.repeats)
-        cores = bound_cores(int(os.environ.get("LOCAL_WORLD_SIZE", mesh.world)))
+        cores = bound_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "") or mesh.world))
         lines += bound_report(single, cores, results, tokens, lengths, summary)
         summary["bound"] = {"single_seconds": single, "cores": cores}
     lines.append(f"{time.perf_counter() - start:.0f} s")

@@ -2,10 +2,11 @@
 
     OMP_NUM_THREADS=1 python benchmarks/machine_drift.py [--minutes 3] [--every 2] [--size 1024]
 
-Every `--every` seconds it times a burst of nine (size x 256) @ (256 x 704) float32 matmuls, the
-QKV/MLP shape of `cpu_tiny`, on one thread, and keeps the burst's median; beside it the steal
-time of the interval (Linux `/proc/stat`: time the hypervisor gave this machine's cores to
-another guest) and the load average. Nothing else of ParaDySe runs.
+It times a burst of nine (size x 256) @ (256 x 704) float32 matmuls (the MLP up-projection of
+`cpu_tiny`) on one thread and keeps the burst's median, then sleeps `--every` seconds, and so on;
+beside each burst the steal time of the interval as a share of the machine's cores (Linux
+`/proc/stat`: time the hypervisor gave this machine's cores to another guest) and the load
+average. Nothing else of ParaDySe runs.
 
 The last lines compare two kinds of variation:
 - within a burst: the median relative interquartile range of the nine samples (what a profile's
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     a, b = torch.randn(args.size, 256), torch.randn(256, 704)
     end = time.time() + args.minutes * 60
     medians, spreads = [], []
-    print(f"{'time':>8} {'median ms':>9} {'spread':>6} {'steal %':>7} {'load':>5}", flush=True)
+    print(f"{'time':>8} {'median ms':>9} {'spread':>6} {'steal':>7} {'load':>5}", flush=True)
     steal, tick = steal_seconds(), time.time()
     while time.time() < end:
         times = burst(a, b)
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
         spreads.append(spread(times))
         time.sleep(args.every)
         now_steal, now = steal_seconds(), time.time()
-        stolen = "-" if steal is None else f"{(now_steal - steal) / (now - tick) * 100:.1f}"
+        cores = os.cpu_count() or 1
+        stolen = "-" if steal is None else f"{(now_steal - steal) / (now - tick) / cores:.1%}"
         steal, tick = now_steal, now
         print(f"{time.strftime('%H:%M:%S'):>8} {medians[-1] * 1e3:>9.3f} {spreads[-1]:>6.1%} "
               f"{stolen:>7} {os.getloadavg()[0]:>5.2f}", flush=True)  # fmt: skip

@@ -20,6 +20,9 @@ loss summed over tokens and divided by the batch's target count):
 `rank_tokens` (None: no limit) is the most tokens one rank may hold: micro-batches are cut to it
 (gradient accumulation) and a sequence that cannot fit it alone makes the batch unfit (for
 DTensor TP+SP a rank holds 1/P of every sequence).
+
+`timed_step(method, batch, mesh)` times one optimizer step of any of them (collective: the
+slowest rank's seconds from a barrier).
 """
 
 from __future__ import annotations
@@ -354,7 +357,7 @@ class TensorParallelPeer(Peer):
         return loss / targets
 
 
-def timed(method, batch, mesh) -> tuple[float, float | None]:
+def timed_step(method, batch, mesh) -> tuple[float, float | None]:
     """One optimizer step of `method` on `batch` (collective): the slowest rank's seconds from
     a barrier, and the loss (rank 0's)."""
     targets = sum(len(s) - 1 for s in batch)

@@ -67,7 +67,7 @@ from benchmarks.peer_models import (  # noqa: E402
     TensorParallelPeer,
     check_plain,
     paradyse_weights,
-    timed,
+    timed_step,
 )
 from benchmarks.peers_report import MIXES, PassResult, format_report, loss_within  # noqa: E402
 from paradyse.data import Batch, micro_batches, run_stream  # noqa: E402
@@ -185,14 +185,14 @@ def run_pass(name: str, methods, batches, repeats: int, mesh) -> PassResult:
     result = PassResult(name, [m.name for m in methods], lengths)
     for k, method in enumerate(methods):
         if fits[k][0]:
-            result.first_loss[method.name] = timed(method, batches[0], mesh)[1]
+            result.first_loss[method.name] = timed_step(method, batches[0], mesh)[1]
     for b, batch in enumerate(batches):
         times: list[list[float]] = [[] for _ in methods]
         for r in range(repeats):
             shift = (b * repeats + r) % len(methods)
             for k in [*range(shift, len(methods)), *range(shift)]:
                 if fits[k][b]:
-                    times[k].append(timed(methods[k], batch, mesh)[0])
+                    times[k].append(timed_step(methods[k], batch, mesh)[0])
                 if r == 0 and methods[k].name == "paradyse":
                     result.plans.append(methods[k].plans[-1] if fits[k][b] else "-")
         for k, method in enumerate(methods):

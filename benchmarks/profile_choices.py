@@ -3,17 +3,18 @@ profiles by what the planner does with them rather than coefficient by coefficie
 
 The planner never uses a coefficient alone: it compares options' predicted times (scale x
 analytic + overhead), and a machine that runs 20% faster in the second profile moves every
-option alike. So for micro-batches of the adaptive_vs_static mix's shapes (each length from 64
-to the longest measured, as many sequences as fit in that many tokens, at most sp), every
-uniform option (a strategy, group size and recompute mode on every layer) is priced under
-each profile, within the run's memory budget:
+option alike. So for micro-batches of the adaptive_vs_static mix's shapes (each power of two
+from 64 tokens to the longest measured, as many sequences as fit in that many tokens, at most
+sp), every uniform option (a strategy, group size and recompute mode on every layer) is priced
+under each profile, within the run's memory budget:
 
 - per option, the second profile's predicted time over the first's, per length;
 - per length, the option each profile picks (the fastest it predicts), and what the other
   profile's pick costs: T_A(pick of B) / T_A(pick of A) - 1, judged by A, and the same judged
   by B; the larger of the two is the length's regret.
 
-The last line: `choices: the same option at N of M lengths; worst regret +X.X% (L tokens)`.
+The last line: `choices: the same option at N of M lengths; worst regret +X.X% (KxL tokens)`.
+A micro-batch that no option fits under one of the profiles is shown with `-` and left out.
 A regret under a few percent means the profiles' differences do not change what the planner
 gains, whatever single coefficients moved.
 """
@@ -56,20 +57,25 @@ def option_times(config, sp: int, hardware: Hardware, profile: Profile,
     return times
 
 
-def _pick(times: dict[str, list[float | None]], i: int) -> str:
-    return min((o for o in times if times[o][i] is not None), key=lambda o: times[o][i])
-
-
 def compare_choices(first: dict, second: dict, batches: list[list[int]]) -> tuple[list, list]:
-    """(per option: (name, [second / first per batch]), per batch: (tokens, pick of the first,
-    pick of the second, regret)) from two `option_times` tables."""
+    """(per option both tables price: (name, [second / first per batch]), per batch: (tokens,
+    pick of the first, pick of the second, regret; None where a profile fits no option)) from
+    two `option_times` tables. The picks are among the options both profiles fit (the memory
+    model does not use the profile: the same options, bar an error)."""
+    shared = [o for o in first if o in second]
+    first, second = {o: first[o] for o in shared}, {o: second[o] for o in shared}
     ratios = [(o, [None if a is None or b is None else b / a
                    for a, b in zip(first[o], second[o], strict=True)])
-              for o in first if o in second]  # fmt: skip
+              for o in shared]  # fmt: skip
     picks = []
     for i, lens in enumerate(batches):
-        a, b = _pick(first, i), _pick(second, i)
-        regret = max(first[b][i] / first[a][i], second[a][i] / second[b][i]) - 1.0
+        both = {o: (first[o][i], second[o][i]) for o in shared
+                if None not in (first[o][i], second[o][i])}  # fmt: skip
+        a = min(both, key=lambda o: both[o][0]) if both else None  # the first profile's pick
+        b = min(both, key=lambda o: both[o][1]) if both else None
+        regret = None
+        if both:
+            regret = max(both[b][0] / both[a][0], both[a][1] / both[b][1]) - 1.0
         picks.append((sum(lens), a, b, regret))
     return ratios, picks
 
@@ -86,11 +92,15 @@ def format_choices(ratios, picks, batches) -> list[str]:
         lines.append(f"{option:<22} {mean:>4.2f}x {cells}")
     lines += ["", f"{'batch':>9} {'first picks':<22} {'second picks':<22} {'regret':>7}"]
     for (_, a, b, regret), lens in zip(picks, batches, strict=True):
-        lines.append(f"{_label(lens):>9} {a:<22} {b:<22} {regret:>+7.1%}")
-    same = sum(a == b for _, a, b, _ in picks)
-    worst = max(range(len(picks)), key=lambda i: picks[i][3])
-    lines.append(f"choices: the same option at {same} of {len(picks)} lengths; worst regret "
-                 f"{picks[worst][3]:+.1%} ({_label(batches[worst])} tokens)")  # fmt: skip
+        shown = "-" if regret is None else f"{regret:+.1%}"
+        lines.append(f"{_label(lens):>9} {a or '-':<22} {b or '-':<22} {shown:>7}")
+    judged = [i for i, p in enumerate(picks) if p[3] is not None]
+    same = sum(picks[i][1] == picks[i][2] for i in judged)
+    text = f"choices: the same option at {same} of {len(judged)} lengths"
+    if judged:
+        worst = max(judged, key=lambda i: picks[i][3])
+        text += f"; worst regret {picks[worst][3]:+.1%} ({_label(batches[worst])} tokens)"
+    lines.append(text)
     return lines
 
 

@@ -2,8 +2,8 @@
 the ratio between the two for every coefficient.
 
     python benchmarks/profile_stability.py [--config launch/configs/cpu_tiny.toml] [--nproc 4]
-        [--runs 2] [--load 0] [--quiet-wait 0] [--out-dir runs/profile_stability]
-    python benchmarks/profile_stability.py --compare A.json B.json
+        [--runs 2] [--load 0] [--quiet-wait 0] [--out-dir runs/profile_stability] [--budget B]
+    python benchmarks/profile_stability.py --compare A.json B.json [--config ...] [--budget B]
 
 Each run is `torchrun --standalone --nproc-per-node NPROC -m cost_models.profile` with the
 config's layer shape and the trainer's longest measured sequence (data.max_seq_len, 64 to
@@ -38,11 +38,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cost_models import detect
-from cost_models.profile_data import Profile
-from cost_models.stability import load_allowance, usable_cpus
-from paradyse.config import load_config
-
 if not __package__:  # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,6 +47,10 @@ from benchmarks.profile_choices import (  # noqa: E402
     format_choices,
     option_times,
 )
+from cost_models import detect  # noqa: E402
+from cost_models.profile_data import Profile  # noqa: E402
+from cost_models.stability import load_allowance, usable_cpus  # noqa: E402
+from paradyse.config import load_config  # noqa: E402
 
 CURVES = ("matmul", "attention_forward", "attention_backward", "attention_forward_full",
           "attention_backward_full")  # fmt: skip
@@ -166,6 +165,22 @@ def _profile(out: Path, args, shape, max_tokens: int) -> None:
         sys.exit(f"the profiler failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
 
 
+def _choice_setting(profile: Profile, config) -> tuple[int, int]:
+    """(sp, longest tokens) of the choices: the profile's, which must have been measured for the
+    config's model (SystemExit, one line, otherwise)."""
+    machine, shape = profile.machine, config.model.shape
+    wanted = [shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.ffn_hidden]
+    if machine.get("shape") not in (None, wanted) or machine.get("dtype") != config.train.dtype:
+        sys.exit(f"profile_stability.py: the profiles were measured for shape "
+                 f"{machine.get('shape')} in {machine.get('dtype')}, the config's model is "
+                 f"{wanted} in {config.train.dtype}: pass --config of the profiled "
+                 "model")  # fmt: skip
+    if "sp" not in machine:
+        sys.exit("profile_stability.py: the profile does not record its sp (an older file): "
+                 "measure it again to compare the choices")  # fmt: skip
+    return machine["sp"], machine.get("max_tokens", 8192)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="launch/configs/cpu_tiny.toml")
@@ -206,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = ratio_rows(profiles[0], profiles[1])
         print(format_table(rows))
         print(summary(rows))
-        sp, longest = profiles[0].machine["sp"], profiles[0].machine["max_tokens"]
+        sp, longest = _choice_setting(profiles[0], config)
         batches = batch_shapes(sp, longest)
         tables = [option_times(config, sp, detect(), p, batches) for p in profiles[:2]]
         for line in format_choices(*compare_choices(*tables, batches), batches):

@@ -8,10 +8,11 @@ measurements miss inside a real step: per-op dispatch, contention between ranks 
 merges and copies that are not plain bandwidth, imperfect overlap, the weight gathers of
 sub-groups.
 
-**Interleaved rounds.** Every round times every case of every option once, in an order that
-rotates from round to round; rounds go on until every option's scales (fitted on that round
-alone) have a spread under the target, at least 3 and at most CALIBRATION_ROUNDS; the final
-fit is on each case's median over the rounds. A machine whose speed wanders from second to
+**Interleaved rounds.** Every round times every case of every option once, the options' cases
+dealt in turn (one of each option, then the next of each, ...) and the order rotating from round
+to round; rounds go on until every option's scales (fitted on that round alone) have a spread
+of at most the target, at least 3 and at most CALIBRATION_ROUNDS; the final fit is on each
+case's median over the rounds. A machine whose speed wanders from second to
 second (a shared virtual machine: one thread's matmul 27% relative IQR between bursts 2 s
 apart, `benchmarks/machine_drift.py`) then weighs on every option alike, instead of on
 whichever option it measured during a slow spell: the options' times relative to each other,
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import zip_longest
 from statistics import median
 
 import torch
@@ -85,11 +87,11 @@ def step_once(step: Callable[[], torch.Tensor], dy) -> tuple[float, float]:
     return slowest(middle - start, dy.device), slowest(end - middle, dy.device)
 
 
-def _inputs(lengths, P: int, position: int, hidden: int, dtype, device) -> list:
-    """(lens, layout, x, dy) per calibration batch on a group of P ranks at `position`."""
+def _inputs(lengths, ranks: int, position: int, hidden: int, dtype, device) -> list:
+    """(lens, layout, x, dy) per calibration batch on a group of `ranks` ranks at `position`."""
     points = []
     for lens in lengths:
-        layout = ZigzagLayout([pad_length(n, P) for n in lens], P, position, device)
+        layout = ZigzagLayout([pad_length(n, ranks) for n in lens], ranks, position, device)
         x = torch.randn(layout.local_tokens, hidden, dtype=dtype, device=device)
         points.append((lens, layout, x.requires_grad_(), torch.randn_like(x)))
     return points
@@ -142,12 +144,14 @@ def calibrate(cases: list[Case], profile, *, max_rounds: int = CALIBRATION_ROUND
     for case in cases:
         case.step().backward(case.dy)  # warm-up
     keys = list(dict.fromkeys(c.key for c in cases))
-    rounds = [0]
+    by_key = [[c for c in cases if c.key == key] for key in keys]
+    dealt = [c for turn in zip_longest(*by_key) for c in turn if c is not None]
+    stride, rounds = max(1, len(dealt) // max(max_rounds, 1)), [0]
 
     def one_round() -> dict[str, float]:
-        shift = rounds[0] * len(cases) // max(max_rounds, 1) % len(cases)
+        shift = rounds[0] * stride % len(dealt)
         rounds[0] += 1
-        for case in cases[shift:] + cases[:shift]:
+        for case in dealt[shift:] + dealt[:shift]:
             for phase, seconds in enumerate(timer(case.step, case.dy)):
                 case.times[phase].append(seconds)
         scales = {}

@@ -167,4 +167,7 @@ def test_bound_is_one_process_over_the_cores() -> None:
         assert row[0] == f"{summary['counts'][at[0]]}x{length}"
         assert int(row[1]) == len(at)
         assert float(row[2]) == pytest.approx(sum(single[i] for i in at) * 1e3, abs=0.51)
+        assert float(row[3]) == pytest.approx(sum(single[i] for i in at) / cores * 1e3, abs=0.51)
+        static = sum(summary["seconds"][summary["best_static"]][i] for i in at)
+        assert float(row[4]) == pytest.approx(static * 1e3, abs=0.51)
     assert HEADLINE.match(table[-1]), table[-1]

@@ -72,19 +72,22 @@ def test_rounds_rotate_and_time_every_case_once_each() -> None:
     for timed in rounds:
         assert sorted(map(id, timed)) == sorted(map(id, cases))  # each case once per round
     assert len({id(timed[0]) for timed in rounds}) == 3  # a different case first each round
+    for timed in rounds:  # the options' cases dealt in turn: a short spell meets both
+        assert all(timed[i].key != timed[i + 1].key for i in range(n - 1))
 
 
 def test_a_slow_spell_does_not_move_any_option() -> None:
-    """A spell three times slower over the first round's second half: the old way (each option's
-    rounds back to back) would put most of g2:ulysses's first steps in it; interleaved, every
-    case meets it at most once, the medians leave it out and the fit is exact."""
+    """A spell three times slower over the first round and a half (18 of 12 x 7 calls). Timed
+    the old way, each option's rounds back to back, tp_sp's first three rounds (6 cases each)
+    would all fall in it: a spread of 0, a stop after 3 rounds and a scale 3x too large.
+    Interleaved, every case meets the spell at most twice in 7 rounds, the medians leave it out
+    and the fit is exact."""
     cases, profile = make_cases(), dataclasses.replace(make_profile(), calibration={})
-    machine = Machine(cases, slow=(len(cases) // 2, len(cases)))
+    machine = Machine(cases, slow=(0, 18))
     calibrate(cases, profile, timer=machine)
     for key, ((kf, _), (kb, _)) in TRUTH.items():
         assert profile.calibration[key] == pytest.approx((kf, kb), rel=1e-9)
-    # the spell spread the scales fitted round by round: more rounds than the minimum ran
-    assert len(machine.calls) > 3 * len(cases)
+    assert len(machine.calls) == 7 * len(cases)  # the spell kept the rounds' spread up
 
 
 def test_no_cases_calibrate_nothing() -> None:

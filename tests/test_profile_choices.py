@@ -20,11 +20,13 @@ def test_batch_shapes_fill_the_longest_length() -> None:
 
 
 def test_regret_is_the_other_picks_cost_judged_by_each_profile() -> None:
-    batches = [[64, 64], [4096]]
-    first = {"a": [1.0, 10.0], "b": [2.0, 12.0], "c": [None, 11.0]}
-    second = {"a": [1.5, 10.0], "b": [1.2, 9.0], "c": [None, 8.0]}
+    batches = [[64, 64], [4096], [8192]]  # nothing fits the last one
+    first = {"a": [1.0, 10.0, None], "b": [2.0, 12.0, None], "c": [None, 11.0, None]}
+    second = {"a": [1.5, 10.0, None], "b": [1.2, 9.0, None], "c": [None, 8.0, None], "d": [1] * 3}
     ratios, picks = compare_choices(first, second, batches)
-    assert dict(ratios)["a"] == [1.5, 1.0] and dict(ratios)["c"] == [None, 8.0 / 11.0]
+    assert [o for o, _ in ratios] == ["a", "b", "c"]  # d: only the second prices it
+    assert dict(ratios)["a"] == [1.5, 1.0, None] and dict(ratios)["c"] == [None, 8.0 / 11.0, None]
+    assert picks[2] == (8192, None, None, None)
     # batch 0: first picks a, second picks b; by first b costs 2/1, by second a costs 1.5/1.2
     assert picks[0][:3] == (128, "a", "b") and picks[0][3] == pytest.approx(1.0)
     # batch 1: first picks a (10), second picks c (8): by first c costs 11/10, by second 10/8
@@ -72,3 +74,14 @@ def test_compare_prints_the_coefficients_then_the_choices(tmp_path, capsys) -> N
     assert [p[0] for p in picks] == ["4x64", "4x128", "4x256", "2x512", "1x1024"]
     assert all(p[2] != "tp_sp+none" for p in picks)  # the second profile never picks tp_sp
     assert lines[-1].startswith("choices: the same option at ")
+
+
+def test_compare_refuses_profiles_of_another_model(tmp_path) -> None:
+    from benchmarks.profile_stability import main
+
+    machine = {"device": "cpu", "dtype": "float32", "sp": 4, "shape": [64, 4, 2, 16, 128]}
+    profile = dataclasses.replace(make_profile(), machine=machine)
+    profile.save(tmp_path / "a.json")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "a.json")])
+    assert "pass --config of the profiled model" in str(exit_info.value.code)
