@@ -103,11 +103,10 @@ def ratio_rows(a: Profile, b: Profile) -> list[Row]:
         rows.append(Row(name, float("nan"), float("nan"), mean, worst,
                         (a.spread.get(name), b.spread.get(name))))  # fmt: skip
     va, vb = _coefficients(a), _coefficients(b)
-    for name in va.keys() & vb.keys():
+    for name in sorted(va.keys() & vb.keys()):  # sorted here: a set's order varies by process
         ratio = vb[name] / va[name] if va[name] else (1.0 if vb[name] == va[name] else math.inf)
         rows.append(Row(name, va[name], vb[name], ratio, None,
                         (a.spread.get(name), b.spread.get(name))))  # fmt: skip
-    rows[len(CURVES) :] = sorted(rows[len(CURVES) :], key=lambda r: r.name)
     if a.collectives:  # the overlap is measured where there are collectives
         rows.append(Row("overlap", a.overlap, b.overlap, b.overlap - a.overlap, None,
                         (a.spread.get("overlap"), b.spread.get("overlap"))))  # fmt: skip
