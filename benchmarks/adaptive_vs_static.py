@@ -79,6 +79,7 @@ import torch.distributed as dist
 
 import paradyse
 from cost_models import Hardware, Profile, detect
+from cost_models.stability import ranks_here
 from paradyse import DecoderModel, Engine
 from paradyse.planning import resolve_profile, run_setup
 from parallel_lib import STRATEGY_NAMES, get_strategy, rank0_value
@@ -252,7 +253,7 @@ def measure_ceiling(bench: Bench, lengths, batches, statics, repeats: int) -> Ce
     unlimited = bench.unlimited()
     every = unlimited.setup.costs.options
     labels = {o: o.strategy if o.group is None else f"g{o.group}:{o.strategy}" for o in every}
-    options = [f"{o.name.split('+')[0]}+{o.recompute}" for o in every if labels[o] in names]
+    options = [o.fixed_label for o in every if labels[o] in names]
     results = run_methods([f"static:{o}" for o in options], unlimited, first, [0], repeats)
     return Ceiling(distinct, options, {o: r.seconds for o, r in zip(options, results,
                                                                    strict=True)})  # fmt: skip
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
             raise ValueError("--ceiling and --bound measure steps; not with --predict")
         if args.ceiling and ("exact" not in methods or methods == ["exact"]):
             raise ValueError("--ceiling needs exact and at least one static:NAME in --methods")
-        if args.bound and not any(m.startswith("static:") and m.count(":") == 1 for m in methods):
+        if args.bound and not any(MethodResult(m).static for m in methods):
             raise ValueError("--bound needs a static:NAME on the whole group in --methods")
         lengths = micro_batch_lengths(args.batches, args.min_tokens, args.max_tokens, args.seed,
                                       not args.no_repeat)  # fmt: skip
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None, *, mesh=None, log=None) -> dict:
         summary["ceiling"] = {"lengths": ceiling.lengths, "seconds": ceiling.seconds}
     if args.bound:
         single = measure_single(config, mesh, batches, args.repeats)
-        cores = bound_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "") or mesh.world))
+        cores = bound_cores(ranks_here(mesh.world))
         lines += bound_report(single, cores, results, tokens, lengths, summary)
         summary["bound"] = {"single_seconds": single, "cores": cores}
     lines.append(f"{time.perf_counter() - start:.0f} s")

@@ -45,7 +45,7 @@ def option_times(config, sp: int, hardware: Hardware, profile: Profile,
     setup = run_setup(config, sp=sp, dp=1, hardware=hardware, profile=profile, every_option=True)
     times = {}
     for option in setup.costs.options:
-        label = f"{option.name.split('+')[0]}+{option.recompute}"
+        label = option.fixed_label
         planner = setup.planner(f"static:{label}")
         row = []
         for lens in batches:

@@ -47,7 +47,7 @@ from .profile_data import (
     Profile,
     ProfileError,
 )
-from .stability import conditions_now, conditions_record, profile_warnings
+from .stability import conditions_now, conditions_record, profile_warnings, ranks_here
 from .timing import (
     collective_ops,
     measure_elementwise,
@@ -173,8 +173,7 @@ def _own_cpu_seconds(seconds: float, mesh) -> float:
         return seconds
     t = torch.tensor([seconds], dtype=torch.float64, device=mesh.device)
     dist.all_reduce(t)
-    here = int(os.environ.get("LOCAL_WORLD_SIZE", "") or mesh.world)
-    return float(t) * here / mesh.world
+    return float(t) * ranks_here(mesh.world) / mesh.world
 
 
 def measure_profile(mesh, shape, dtype=torch.float32, max_tokens: int = 8192) -> Profile:
@@ -225,10 +224,10 @@ def measure_profile(mesh, shape, dtype=torch.float32, max_tokens: int = 8192) ->
     )
     _calibration(mesh, shape, dtype, profile, max_tokens)
     own = _own_cpu_seconds(time.process_time() - cpu_start, mesh)
-    here = int(os.environ.get("LOCAL_WORLD_SIZE", "") or mesh.world)
     profile.conditions = conditions_record(
-        before, conditions_now(), own_cpu_s=own, ranks=mesh.world, ranks_here=here,
-        threads=torch.get_num_threads(), torch_version=torch.__version__,
+        before, conditions_now(), own_cpu_s=own, ranks=mesh.world,
+        ranks_here=ranks_here(mesh.world), threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
     )  # fmt: skip
     return profile
 

@@ -50,7 +50,10 @@ from .profile_data import fit_calibration, store_calibration
 from .stability import settle, spread
 from .timing import slowest, synchronize
 
-__all__ = ["CALIBRATION_ROUNDS", "Case", "calibration_cases", "calibrate", "step_once"]
+__all__ = [
+    "CALIBRATION_ROUNDS", "Case", "calibration_cases", "calibrate", "step_once",
+    "sub_group_strategies",
+]  # fmt: skip
 
 CALIBRATION_ROUNDS = 7
 """At most this many timings of every calibration step (at least 3)."""
@@ -87,6 +90,11 @@ def step_once(step: Callable[[], torch.Tensor], dy) -> tuple[float, float]:
     return slowest(middle - start, dy.device), slowest(end - middle, dy.device)
 
 
+def sub_group_strategies(shape, names, g: int) -> list[str]:
+    """The strategies of `names` the planner offers on sub-groups of g ranks."""
+    return [n for n in names if runs_on_sub_groups(n, g) and get_strategy(n).supports(shape, g)[0]]
+
+
 def _inputs(lengths, ranks: int, position: int, hidden: int, dtype, device) -> list:
     """(lens, layout, x, dy) per calibration batch on a group of `ranks` ranks at `position`."""
     points = []
@@ -119,10 +127,8 @@ def calibration_cases(mesh, shape, dtype, lengths, raw) -> list[Case]:
     for g in [d for d in range(1, P) if P % d == 0]:
         split = split_group(mesh.sp_group, g)
         points = _inputs(lengths, g, split.position, shape.hidden, dtype, mesh.device)
-        for name in STRATEGIES:
+        for name in sub_group_strategies(shape, STRATEGIES, g):
             strategy = get_strategy(name)
-            if not (runs_on_sub_groups(name, g) and strategy.supports(shape, g)[0]):
-                continue
             for recompute in RECOMPUTE_MODES:
                 for lens, layout, x, dy in points:
                     step = partial(decoder_layer_step, x, weights, layout, split.compute,
@@ -155,8 +161,7 @@ def calibrate(cases: list[Case], profile, *, max_rounds: int = CALIBRATION_ROUND
             for phase, seconds in enumerate(timer(case.step, case.dy)):
                 case.times[phase].append(seconds)
         scales = {}
-        for key in keys:
-            own = [c for c in cases if c.key == key]
+        for key, own in zip(keys, by_key, strict=True):
             for phase, direction in enumerate(DIRECTIONS):
                 pairs = [(c.times[phase][-1], c.analytic[phase]) for c in own]
                 scales[f"{key}.{direction}"] = fit_calibration(pairs)[0]

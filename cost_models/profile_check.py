@@ -17,7 +17,14 @@ from parallel_lib import count_bytes, rank0_value
 
 from .counts import dtype_name
 from .profile_data import Profile
-from .stability import CHECK_THRESHOLD, conditions_now, drift_warning, drifted, usable_cpus
+from .stability import (
+    CHECK_THRESHOLD,
+    conditions_now,
+    drift_warning,
+    drifted,
+    ranks_here,
+    usable_cpus,
+)
 from .timing import collective_ops, settled_time, tiny_rows
 
 __all__ = ["check_points", "startup_check", "remeasure_command"]
@@ -65,8 +72,7 @@ def remeasure_command(path, mesh, shape, dtype, max_tokens: int) -> str:
     """How to measure the profile at `path` again: delete it (the trainer measures a missing
     profile), or, where the run is one node's whole world, the profiler's command line."""
     how = f"rm {path} (the next run measures it again)"
-    here = int(os.environ.get("LOCAL_WORLD_SIZE", "") or mesh.world)
-    if mesh.sp == mesh.world == here:
+    if mesh.sp == mesh.world == ranks_here(mesh.world):
         threads = os.environ.get("OMP_NUM_THREADS", "1")
         how += (
             f", or OMP_NUM_THREADS={threads} torchrun --standalone --nproc-per-node {mesh.world}"

@@ -26,7 +26,8 @@ from .profile_data import SPREAD_TARGET, LinkFit, ProfileError
 
 __all__ = [
     "SPREAD_TARGET", "CHECK_THRESHOLD", "spread", "abs_spread", "settle", "link_from",
-    "unsettled", "conditions_now", "conditions_record", "load_allowance", "busy_reasons",
+    "unsettled", "ranks_here", "usable_cpus", "conditions_now", "conditions_record",
+    "load_allowance", "busy_reasons",
     "profile_warnings", "drifted", "drift_warning",
 ]  # fmt: skip
 
@@ -122,6 +123,11 @@ def _busy_cpu_seconds() -> float | None:
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
     return busy / tick
+
+
+def ranks_here(default: int) -> int:
+    """The ranks on this host: torchrun's LOCAL_WORLD_SIZE, else `default` (every rank here)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "") or default)
 
 
 def usable_cpus() -> int:

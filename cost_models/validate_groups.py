@@ -30,18 +30,13 @@ from .group_size import (
     IDLE_LENGTHS,
     assign_sequences,
     group_layer_cost,
-    runs_on_sub_groups,
     sequence_costs,
 )
 from .profile import step_times
+from .profile_calibration import sub_group_strategies
 from .validate_cells import Cell, batch_lengths, largest, measured_peak, predicted_peak
 
-__all__ = ["sub_group_strategies", "validate_sub_groups"]
-
-
-def sub_group_strategies(shape, names, g: int) -> list[str]:
-    """The strategies of `names` the planner offers on sub-groups of g ranks."""
-    return [n for n in names if runs_on_sub_groups(n, g) and get_strategy(n).supports(shape, g)[0]]
+__all__ = ["validate_sub_groups"]
 
 
 def validate_sub_groups(

@@ -4,7 +4,6 @@ budget, dtype, groups and options), its method, and the cost-model profile it pr
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from cost_models import Hardware, Profile, ProfileError
 from cost_models.counts import dtype_name
 from cost_models.profile import measure_profile
 from cost_models.profile_check import startup_check
-from cost_models.stability import CHECK_THRESHOLD, profile_warnings
+from cost_models.stability import CHECK_THRESHOLD, profile_warnings, ranks_here
 from parallel_lib import Mesh, get_strategy, rank0_value
 from planners import Method, Option, PlanningSetup
 
@@ -59,7 +58,7 @@ def run_setup(
                 raise ValueError(f"--strategy {par.strategy}: {reason}")
             strategies = [par.strategy]
         recomputes = [par.recompute] if par.recompute else None
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "") or sp)
+    per_node = ranks_here(sp)
     return PlanningSetup(
         model, hardware, sp=sp, dp=dp, dtype=config.train.dtype, budget_bytes=par.budget_bytes,
         profile=profile, shard_optimizer=config.optim.shard_optimizer, devices_per_node=per_node,

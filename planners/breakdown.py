@@ -90,8 +90,8 @@ def longest_with_breakdown(
 ) -> tuple[int, MemoryBreakdown | None]:
     """The longest single sequence `option` on every layer fits within `budget_bytes` (0: none),
     with the breakdown at that length."""
-    label = option.name if option.recompute != "none" else f"{option.name}+none"  # fixed mode
-    tokens = setup.planner(Method("static", label), budget_bytes=budget_bytes).longest_fitting()
+    planner = setup.planner(Method("static", option.fixed_label), budget_bytes=budget_bytes)
+    tokens = planner.longest_fitting()
     if not tokens:
         return 0, None
     return tokens, plan_breakdown(setup, [option] * setup.model.layers, [tokens])

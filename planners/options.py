@@ -49,6 +49,13 @@ class Option:
         base = base if self.group is None else f"g{self.group}:{base}"
         return base if self.recompute == "none" else f"{base}+{self.recompute}"
 
+    @property
+    def fixed_label(self) -> str:
+        """The name with its recompute mode always written ('tp_sp+none', 'g2:ring+full'): the
+        label of the static method that runs exactly this option (a label without a mode lets
+        the static method pick the mode)."""
+        return self.name if self.recompute != "none" else f"{self.name}+none"
+
     def __str__(self) -> str:
         return self.name
 
